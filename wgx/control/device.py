@@ -1,0 +1,226 @@
+"""One wgx interface daemon: the engine wired to a TUN, UDP sockets and the UAPI.
+
+`Device.run()` is a single-threaded poll loop. Each wakeup drains a bounded
+batch from every ready source, feeds the engine, then flushes the engine's
+outputs, so one syscall-heavy source cannot starve the others. The loop ends
+on SIGINT/SIGTERM, when the TUN device is deleted, or when the UAPI socket
+file is removed, and always cleans up its socket file.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass
+
+from wgx.dataplane.tun import Tun, TunGone
+from wgx.dataplane.udp import UdpSockets
+from wgx.protocol.engine import Engine
+from wgx.protocol.timers import Limits
+
+from .uapi import SOCKET_DIR, UapiServer
+
+log = logging.getLogger("wgx.device")
+
+BATCH = 128
+HOUSEKEEPING_INTERVAL = 0.5
+
+
+@dataclass
+class DeviceOptions:
+    dataplane: str = "socket"
+    uapi_dir: str = SOCKET_DIR
+    limits: Limits | None = None
+
+
+class Device:
+    """Owns the resources of one interface; create with `Device.open()`."""
+
+    def __init__(self, name: str, tun: Tun, udp: UdpSockets, uapi: UapiServer,
+                 options: DeviceOptions) -> None:
+        self.name = name
+        self.tun = tun
+        self.udp = udp
+        self.uapi = uapi
+        self.options = options
+        self.engine = Engine(limits=options.limits, wall_offset=time.time() - time.monotonic())
+        self.engine.listen_port = udp.port
+        self.engine.mtu = tun.mtu() or 1420
+        self.stop_reason: str | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poll = select.poll()
+        self._udp_fds: dict[int, object] = {}
+
+    @classmethod
+    def open(cls, name: str, options: DeviceOptions | None = None) -> Device:
+        """Create the TUN, bind UDP on a free port and listen on the UAPI socket.
+
+        Everything created so far is released again if a later step fails.
+        """
+        options = options or DeviceOptions()
+        if options.dataplane not in ("auto", "socket"):
+            raise ValueError(
+                f"dataplane {options.dataplane!r} is not available in this build "
+                "(only 'socket'; 'auto' selects it)"
+            )
+        tun = Tun.create(name)
+        udp = uapi = None
+        try:
+            if tun.mtu() == 1500:  # fresh TUN: default like wireguard-go
+                tun.set_mtu(1420)
+            udp = UdpSockets(0)
+            uapi = UapiServer(tun.name, options.uapi_dir)
+        except BaseException:
+            if udp is not None:
+                udp.close()
+            tun.close()
+            raise
+        return cls(tun.name, tun, udp, uapi, options)
+
+    # ---- DeviceControl for the UAPI
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def set_listen_port(self, port: int) -> None:
+        self.udp.bind(port)
+        self.engine.listen_port = self.udp.port
+        self._register_udp()
+
+    def set_fwmark(self, mark: int) -> None:
+        self.udp.set_fwmark(mark)
+        self.engine.fwmark = mark
+
+    def extra_stats(self) -> dict[str, object]:
+        return {"dataplane": "socket", "mtu": self.engine.mtu, "pid": os.getpid()}
+
+    # ---- loop
+
+    def _register_udp(self) -> None:
+        for fd in self._udp_fds:
+            self._poll.unregister(fd)
+        self._udp_fds = {s.fileno(): s for s in self.udp.sockets()}
+        for fd in self._udp_fds:
+            self._poll.register(fd, select.POLLIN)
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = self.stop_reason or reason
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def run(self) -> str:
+        """Serve until told to stop; returns the reason."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda s, _f: self.request_stop(signal.Signals(s).name))
+        poll = self._poll
+        poll.register(self._wake_r, select.POLLIN)
+        poll.register(self.tun.fd, select.POLLIN)
+        poll.register(self.uapi.listener.fileno(), select.POLLIN)
+        self._register_udp()
+        engine = self.engine
+        next_housekeeping = 0.0
+        log.info("interface %s up (udp port %d, dataplane socket)", self.name, self.udp.port)
+        try:
+            while self.stop_reason is None:
+                now = time.monotonic()
+                deadline = engine.get_timer()
+                wait = HOUSEKEEPING_INTERVAL if deadline is None else deadline - now
+                wait = min(max(wait, 0.0), HOUSEKEEPING_INTERVAL)
+                ready = poll.poll(wait * 1000.0)
+                now = time.monotonic()
+                for fd, _ev in ready:
+                    if fd == self.tun.fd:
+                        self._from_tun(now)
+                    elif fd in self._udp_fds:
+                        self._from_udp(fd, now)
+                    elif fd == self.uapi.listener.fileno():
+                        conn = self.uapi.accept()
+                        if conn is not None:
+                            poll.register(conn.fileno(), select.POLLIN)
+                    elif fd in self.uapi.clients:
+                        if not self.uapi.on_readable(fd, self, self.extra_stats()):
+                            poll.unregister(fd)
+                    elif fd == self._wake_r:
+                        os.read(self._wake_r, 64)
+                    self._flush()
+                deadline = engine.get_timer()
+                if deadline is not None and deadline <= now:
+                    engine.handle_timer(now)
+                    self._flush()
+                if now >= next_housekeeping:
+                    next_housekeeping = now + HOUSEKEEPING_INTERVAL
+                    self._housekeeping()
+                self._log_events()
+        except TunGone:
+            self.stop_reason = "TUN device deleted"
+        log.info("interface %s shutting down: %s", self.name, self.stop_reason)
+        return self.stop_reason or "stopped"
+
+    def _from_tun(self, now: float) -> None:
+        engine = self.engine
+        read = self.tun.read
+        for _ in range(BATCH):
+            packet = read()
+            if packet is None:
+                break
+            engine.send_packet(packet, now)
+
+    def _from_udp(self, fd: int, now: float) -> None:
+        engine = self.engine
+        sock = self._udp_fds[fd]
+        recv = self.udp.recv
+        for _ in range(BATCH):
+            got = recv(sock)  # type: ignore[arg-type]
+            if got is None:
+                break
+            engine.receive_datagram(got[0], got[1], now)
+
+    def _flush(self) -> None:
+        engine = self.engine
+        if engine.datagrams:
+            send = self.udp.send
+            for data, ep in engine.datagrams:
+                send(data, ep)
+            engine.datagrams.clear()
+        if engine.tun:
+            write = self.tun.write
+            for packet in engine.tun:
+                write(packet)
+            engine.tun.clear()
+
+    def _housekeeping(self) -> None:
+        if not self.uapi.still_ours():
+            self.request_stop("UAPI socket removed")
+        mtu = self.tun.mtu()
+        if mtu is not None:
+            self.engine.mtu = mtu
+        self.engine.wall_offset = time.time() - time.monotonic()
+
+    def _log_events(self) -> None:
+        events = self.engine.events
+        while events:
+            kind, obj = events.popleft()
+            if kind == "handshake_complete":
+                log.info("peer %s: handshake complete", _short(obj.public_key))  # type: ignore[attr-defined]
+            elif kind == "handshake_gave_up":
+                log.info("peer %s: handshake did not complete, giving up",
+                         _short(obj.public_key))  # type: ignore[attr-defined]
+            elif kind == "endpoint":
+                log.debug("peer %s: endpoint now %s", _short(obj.public_key),  # type: ignore[attr-defined]
+                          obj.endpoint)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.uapi.close()
+        self.udp.close()
+        self.tun.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def _short(public_key: bytes) -> str:
+    return base64.b64encode(public_key).decode()[:8] + "…"

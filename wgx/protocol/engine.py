@@ -1,0 +1,574 @@
+"""The sans-I/O core of one WireGuard interface.
+
+`Engine` has no socket, no TUN and no clock, in the shape of aioquic's
+QuicConnection. The I/O layer feeds it
+
+* `receive_datagram(data, src, now)`: a UDP datagram from the underlay,
+* `send_packet(ip_packet, now)`: a plaintext IP packet read from the TUN,
+* `handle_timer(now)`: whenever `get_timer()` says a deadline has passed,
+
+and drains `datagrams` (encrypted `(bytes, endpoint)` to send), `tun`
+(decrypted IP packets to write) and `events` after each call. `now` is a
+monotonic time in seconds; `wall_offset` turns it into wall-clock time for
+TAI64N timestamps and last-handshake reports. Randomness comes from the
+injected `random(n) -> bytes`.
+
+Every input that is dropped is counted in `drops` under a reason, and never
+raises: hostile datagrams cannot crash the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+
+from cryptography.exceptions import InvalidTag
+
+from . import noise
+from .allowedips import AllowedIPs
+from .cookie import CookieChecker
+from .crypto import CryptoError, dh, nonce_for, public_key, tai64n
+from .messages import (
+    MSG_COOKIE_REPLY,
+    MSG_INITIATION,
+    MSG_RESPONSE,
+    MSG_TRANSPORT,
+    CookieReply,
+    Initiation,
+    Response,
+    message_type,
+    padded_len,
+)
+from .peer import Endpoint, IndexTable, Keypair, Peer, PendingHandshake, endpoint_bytes
+from .ratelimiter import RateLimiter
+from .timers import (
+    INITIATIONS_PER_SECOND,
+    MAX_STAGED_PACKETS,
+    NEW_HANDSHAKE,
+    PERSISTENT_KEEPALIVE,
+    REKEY_TIMEOUT_JITTER_MAX,
+    RETRANSMIT_HANDSHAKE,
+    SEND_KEEPALIVE,
+    ZERO_KEY_MATERIAL,
+    Limits,
+)
+
+_ZERO16 = bytes(16)
+_TRANSPORT_HDR = struct.Struct("<IIQ")
+_TIMESTAMP_WHITENER = ~(0x1000000 - 1)  # round TAI64N nanoseconds down to ~16 ms, as wireguard-go
+UNDER_LOAD_HANDSHAKES_PER_SECOND = 128
+UNDER_LOAD_HOLD = 1.0
+# Any fixed clamped scalar maps every low-order point to the all-zero DH result.
+_LOW_ORDER_PROBE = bytes([0x40] * 32)
+
+Random = Callable[[int], bytes]
+
+
+class ConfigError(ValueError):
+    """A configuration value the engine refuses (bad key length, low-order key, ...)."""
+
+
+class Engine:
+    """One WireGuard interface: identity, peers, allowed IPs, sessions and timers."""
+
+    def __init__(
+        self,
+        private_key: bytes | None = None,
+        *,
+        limits: Limits | None = None,
+        random: Random = os.urandom,
+        wall_offset: float = 0.0,
+        mtu: int = 1420,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.random = random
+        self.wall_offset = wall_offset
+        self.mtu = mtu
+        self.listen_port = 0
+        self.fwmark = 0
+        self.peers: dict[bytes, Peer] = {}
+        self.allowed: AllowedIPs[Peer] = AllowedIPs()
+        self.indices = IndexTable()
+        self.ratelimiter = RateLimiter()
+        self.drops: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()
+        self.datagrams: list[tuple[bytes, Endpoint]] = []
+        self.tun: list[bytes] = []
+        self.events: deque[tuple[str, object]] = deque(maxlen=4096)
+        self.private_key: bytes | None = None
+        self.public_key: bytes | None = None
+        self._checker: CookieChecker | None = None
+        self._hs_window_start = float("-inf")
+        self._hs_in_window = 0
+        self._under_load_until = float("-inf")
+        if private_key is not None:
+            self.set_private_key(private_key)
+
+    # ------------------------------------------------------------------ config
+
+    def set_private_key(self, key: bytes | None) -> None:
+        """Set (or clear, with None) the static private key; sessions are dropped on change."""
+        if key is not None and len(key) != 32:
+            raise ConfigError("private key must be 32 bytes")
+        if key == self.private_key:
+            return
+        self.private_key = key
+        self.public_key = public_key(key) if key is not None else None
+        self._checker = CookieChecker(self.public_key, self.random) if self.public_key else None
+        for peer in list(self.peers.values()):
+            if peer.public_key == self.public_key:
+                self.remove_peer(peer.public_key)
+            else:
+                self._clear_sessions(peer)
+
+    def add_peer(self, public_key_: bytes) -> Peer:
+        """The peer with this public key, created if new. Refuses invalid keys."""
+        peer = self.peers.get(public_key_)
+        if peer is not None:
+            return peer
+        check_public_key(public_key_)
+        peer = Peer(public_key_)
+        self.peers[public_key_] = peer
+        return peer
+
+    def remove_peer(self, public_key_: bytes) -> None:
+        peer = self.peers.pop(public_key_, None)
+        if peer is None:
+            return
+        self._clear_sessions(peer)
+        self.allowed.remove_value(peer)
+        peer.timers.clear()
+        peer.staged.clear()
+
+    def set_persistent_keepalive(self, peer: Peer, interval: int, now: float) -> None:
+        """Set the interval (0 = off); turning it on sends a keepalive at once, like the kernel."""
+        was = peer.persistent_keepalive
+        peer.persistent_keepalive = interval
+        if interval == 0:
+            peer.timers.disarm(PERSISTENT_KEEPALIVE)
+        elif was == 0 and self.private_key is not None:
+            self.send_keepalive(peer, now)
+
+    # ------------------------------------------------------------------ inputs
+
+    def send_packet(self, packet: bytes, now: float) -> None:
+        """Route a plaintext IP packet from the TUN to its peer by destination address."""
+        peer = self.allowed.lookup_packet_dst(packet)
+        if peer is None:
+            self.drops["no_peer_for_destination"] += 1
+            return
+        if len(peer.staged) >= MAX_STAGED_PACKETS:
+            peer.staged.popleft()
+            self.drops["staged_overflow"] += 1
+        peer.staged.append(packet)
+        self._send_staged(peer, now)
+
+    def send_keepalive(self, peer: Peer, now: float) -> None:
+        if not peer.staged:
+            peer.staged.append(b"")
+        self._send_staged(peer, now)
+
+    def receive_datagram(self, data: bytes, src: Endpoint, now: float) -> None:
+        """Process one UDP datagram from `src`. Never raises on hostile input."""
+        t = message_type(data)
+        if t == MSG_TRANSPORT:
+            self._receive_transport(data, src, now)
+        elif t == MSG_INITIATION:
+            self._receive_initiation(data, src, now)
+        elif t == MSG_RESPONSE:
+            self._receive_response(data, src, now)
+        elif t == MSG_COOKIE_REPLY:
+            self._receive_cookie_reply(data, now)
+        else:
+            self.drops["malformed"] += 1
+
+    def get_timer(self) -> float | None:
+        """The earliest deadline at which `handle_timer` must be called, or None."""
+        deadlines = [d for p in self.peers.values() if (d := p.timers.next_deadline()) is not None]
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> None:
+        for peer in list(self.peers.values()):
+            for name in peer.timers.expired(now):
+                self._fire(peer, name, now)
+
+    def initiate_handshake(self, peer: Peer, now: float) -> None:
+        """Start a handshake now (the I/O layer's 'wg set ... endpoint' does not need this)."""
+        self._initiate(peer, now, retry=False)
+
+    # ----------------------------------------------------------------- helpers
+
+    def wall_time(self, now: float) -> float:
+        return now + self.wall_offset
+
+    def under_load(self, now: float) -> bool:
+        return now < self._under_load_until
+
+    def _note_handshake(self, now: float) -> bool:
+        """Count one incoming handshake message; True while under load."""
+        if now - self._hs_window_start >= 1.0:
+            self._hs_window_start = now
+            self._hs_in_window = 0
+        self._hs_in_window += 1
+        if self._hs_in_window >= UNDER_LOAD_HANDSHAKES_PER_SECOND:
+            self._under_load_until = now + UNDER_LOAD_HOLD
+        return now < self._under_load_until
+
+    def _jitter(self) -> float:
+        return int.from_bytes(self.random(4), "little") / 2**32 * REKEY_TIMEOUT_JITTER_MAX
+
+    def _emit(self, peer: Peer, data: bytes) -> bool:
+        if peer.endpoint is None:
+            self.drops["no_endpoint"] += 1
+            return False
+        self.datagrams.append((data, peer.endpoint))
+        peer.tx_bytes += len(data)
+        return True
+
+    def _drop_keypair(self, kp: Keypair | None) -> None:
+        if kp is not None:
+            self.indices.remove(kp.local_index)
+            self.events.append(("keypair_gone", kp))
+
+    def _clear_sessions(self, peer: Peer) -> None:
+        for kp in peer.keypairs():
+            self._drop_keypair(kp)
+        peer.current = peer.previous = peer.next = None
+        if peer.handshake is not None:
+            self.indices.remove(peer.handshake.local_index)
+            peer.handshake = None
+
+    def _install_keypair(self, peer: Peer, kp: Keypair) -> None:
+        """Kernel add_new_keypair: rotate current/previous/next for a new session."""
+        self.indices.add_keypair(kp)
+        if kp.initiator:
+            if peer.next is not None:
+                self._drop_keypair(peer.previous)
+                peer.previous = peer.next
+                peer.next = None
+                self._drop_keypair(peer.current)
+            else:
+                self._drop_keypair(peer.previous)
+                peer.previous = peer.current
+            peer.current = kp
+        else:
+            self._drop_keypair(peer.next)
+            peer.next = kp
+            self._drop_keypair(peer.previous)
+            peer.previous = None
+        self.events.append(("keypair_new", kp))
+        peer.timers.arm(ZERO_KEY_MATERIAL, kp.created + self.limits.reject_after_time * 3)
+
+    def _usable_for_send(self, kp: Keypair | None, now: float) -> bool:
+        return (
+            kp is not None
+            and now - kp.created < self.limits.reject_after_time
+            and kp.send_counter < self.limits.reject_after_messages
+        )
+
+    def _authenticated_sent(self, peer: Peer, now: float) -> None:
+        peer.timers.disarm(SEND_KEEPALIVE)
+        if peer.persistent_keepalive:
+            peer.timers.arm(PERSISTENT_KEEPALIVE, now + peer.persistent_keepalive)
+
+    def _authenticated_received(self, peer: Peer, src: Endpoint, nbytes: int, now: float) -> None:
+        peer.timers.disarm(NEW_HANDSHAKE)
+        if peer.persistent_keepalive:
+            peer.timers.arm(PERSISTENT_KEEPALIVE, now + peer.persistent_keepalive)
+        if peer.endpoint != src:
+            peer.endpoint = src
+            self.events.append(("endpoint", peer))
+        peer.rx_bytes += nbytes
+
+    def _handshake_complete(self, peer: Peer, now: float) -> None:
+        peer.timers.disarm(RETRANSMIT_HANDSHAKE)
+        peer.handshake_attempts = 0
+        peer.sent_lastminute_handshake = False
+        peer.last_handshake = now
+        self.events.append(("handshake_complete", peer))
+
+    # -------------------------------------------------------------------- send
+
+    def _send_staged(self, peer: Peer, now: float) -> None:
+        kp = peer.current
+        if not self._usable_for_send(kp, now):
+            self._initiate(peer, now, retry=False)
+            return
+        assert kp is not None
+        if peer.endpoint is None:
+            self.drops["no_endpoint"] += len(peer.staged)
+            peer.staged.clear()
+            return
+        limit = self.limits.reject_after_messages
+        sent_data = False
+        while peer.staged and kp.send_counter < limit:
+            packet = peer.staged.popleft()
+            self._encrypt(peer, kp, packet)
+            sent_data = sent_data or bool(packet)
+        self._authenticated_sent(peer, now)
+        if sent_data:
+            peer.timers.arm_if_idle(
+                NEW_HANDSHAKE,
+                now + self.limits.keepalive_timeout + self.limits.rekey_timeout + self._jitter(),
+            )
+        if peer.staged:  # the keypair ran out of messages mid-batch
+            self._initiate(peer, now, retry=False)
+            return
+        if kp.send_counter > self.limits.rekey_after_messages or (
+            kp.initiator and now - kp.created >= self.limits.rekey_after_time
+        ):
+            self._initiate(peer, now, retry=False)
+
+    def _encrypt(self, peer: Peer, kp: Keypair, packet: bytes) -> None:
+        n = len(packet)
+        plen = padded_len(n, self.mtu)
+        if plen > n:
+            packet = packet + bytes(plen - n)
+        counter = kp.send_counter
+        kp.send_counter = counter + 1
+        sealed = kp.sender.encrypt(nonce_for(counter), packet, None)
+        self._emit(peer, _TRANSPORT_HDR.pack(MSG_TRANSPORT, kp.remote_index, counter) + sealed)
+
+    def _initiate(self, peer: Peer, now: float, retry: bool) -> None:
+        """Kernel wg_packet_send_queued_handshake_initiation: at most once per REKEY_TIMEOUT."""
+        if not retry:
+            peer.handshake_attempts = 0
+        if self.private_key is None or now - peer.last_sent_handshake < self.limits.rekey_timeout:
+            return
+        peer.last_sent_handshake = now
+        if peer.handshake is not None:
+            self.indices.remove(peer.handshake.local_index)
+        wall_ns = int(self.wall_time(now) * 1e9)
+        secs, nanos = divmod(wall_ns, 1_000_000_000)
+        stamp = tai64n(secs * 1_000_000_000 + (nanos & _TIMESTAMP_WHITENER))
+        try:
+            eph, enc_static, enc_ts, state = noise.create_initiation(
+                self.private_key, peer.public_key, self.random(32), stamp
+            )
+        except CryptoError:
+            self.drops["invalid_peer_key"] += 1
+            return
+        index = self.indices.new_index(self.random(4))
+        peer.handshake = PendingHandshake(index, state, now)
+        self.indices.add_handshake(peer, peer.handshake)
+        msg = Initiation(index, eph, enc_static, enc_ts, _ZERO16, _ZERO16).pack()
+        self._emit(peer, peer.cookies.add_macs(msg, now))
+        self.stats["initiations_sent"] += 1
+        self._authenticated_sent(peer, now)
+        peer.timers.arm(RETRANSMIT_HANDSHAKE, now + self.limits.rekey_timeout + self._jitter())
+
+    # ----------------------------------------------------------------- receive
+
+    def _receive_transport(self, data: bytes, src: Endpoint, now: float) -> None:
+        _, receiver, counter = _TRANSPORT_HDR.unpack_from(data)
+        kp = self.indices.keypair(receiver)
+        if kp is None:
+            self.drops["unknown_index"] += 1
+            return
+        if (
+            now - kp.created >= self.limits.reject_after_time
+            or counter >= self.limits.reject_after_messages
+        ):
+            self.drops["expired_keypair"] += 1
+            return
+        if not kp.replay.would_accept(counter):
+            self.drops["replay"] += 1
+            return
+        try:
+            plain = kp.receiver.decrypt(nonce_for(counter), data[16:], None)
+        except InvalidTag:
+            self.drops["bad_tag"] += 1
+            return
+        if not kp.replay.check_and_update(counter):
+            self.drops["replay"] += 1
+            return
+        peer = kp.peer
+        if kp is peer.next:
+            self._drop_keypair(peer.previous)
+            peer.previous = peer.current
+            peer.current = kp
+            peer.next = None
+            self._handshake_complete(peer, now)
+            if peer.staged:
+                self._send_staged(peer, now)
+        self._authenticated_received(peer, src, len(data), now)
+        if plain:
+            self._deliver(peer, plain, now)
+        else:
+            self.stats["keepalives_received"] += 1
+        if (
+            not peer.sent_lastminute_handshake
+            and peer.current is kp
+            and kp.initiator
+            and now - kp.created
+            >= self.limits.reject_after_time
+            - self.limits.keepalive_timeout
+            - self.limits.rekey_timeout
+        ):
+            peer.sent_lastminute_handshake = True
+            self._initiate(peer, now, retry=False)
+
+    def _deliver(self, peer: Peer, plain: bytes, now: float) -> None:
+        """Trim padding, check the inner source against allowed IPs, queue for the TUN."""
+        version = plain[0] >> 4
+        n = len(plain)
+        if version == 4 and n >= 20:
+            length = (plain[2] << 8) | plain[3]
+            ok = 20 <= length <= n
+        elif version == 6 and n >= 40:
+            length = 40 + ((plain[4] << 8) | plain[5])
+            ok = length <= n
+        else:
+            ok = False
+        if not ok:
+            self.drops["bad_inner_packet"] += 1
+            return
+        packet = plain[:length] if length < n else plain
+        if self.allowed.lookup_packet_src(packet) is not peer:
+            self.drops["allowedips_source"] += 1
+            return
+        if peer.timers.pending(SEND_KEEPALIVE):
+            peer.need_another_keepalive = True
+        else:
+            peer.timers.arm(SEND_KEEPALIVE, now + self.limits.keepalive_timeout)
+        self.tun.append(packet)
+
+    def _handshake_gate(self, data: bytes, sender: int, src: Endpoint, now: float) -> bool:
+        """mac1, and under load mac2 (else a cookie reply) plus the per-source rate limit."""
+        checker = self._checker
+        if checker is None:
+            self.drops["no_private_key"] += 1
+            return False
+        if not checker.check_mac1(data):
+            self.drops["bad_mac1"] += 1
+            return False
+        if not self._note_handshake(now):
+            return True
+        source = endpoint_bytes(src)
+        if not checker.check_mac2(data, source, now):
+            self.datagrams.append((checker.create_reply(data, sender, source, now), src))
+            self.stats["cookie_replies_sent"] += 1
+            return False
+        if not self.ratelimiter.allow(source[:-2], now):
+            self.drops["rate_limited"] += 1
+            return False
+        return True
+
+    def _receive_initiation(self, data: bytes, src: Endpoint, now: float) -> None:
+        msg = Initiation.unpack(data)
+        if not self._handshake_gate(data, msg.sender, src, now):
+            return
+        assert self.private_key is not None
+        try:
+            stamp, state = noise.consume_initiation(
+                self.private_key, msg.ephemeral, msg.encrypted_static, msg.encrypted_timestamp
+            )
+        except CryptoError:
+            self.drops["handshake_auth"] += 1
+            return
+        peer = self.peers.get(state.remote_static)
+        if peer is None:
+            self.drops["unknown_peer"] += 1
+            return
+        if stamp <= peer.latest_timestamp:
+            self.drops["stale_timestamp"] += 1
+            return
+        if now - peer.last_initiation_consumed < 1.0 / INITIATIONS_PER_SECOND:
+            self.drops["initiation_flood"] += 1
+            return
+        try:
+            eph, enc_empty, (send, recv) = noise.create_response(
+                state, self.random(32), peer.preshared_key
+            )
+        except CryptoError:
+            self.drops["handshake_auth"] += 1
+            return
+        peer.latest_timestamp = stamp
+        peer.last_initiation_consumed = now
+        index = self.indices.new_index(self.random(4))
+        self._install_keypair(peer, Keypair(peer, index, msg.sender, False, now, send, recv))
+        self._authenticated_received(peer, src, len(data), now)
+        reply = Response(index, msg.sender, eph, enc_empty, _ZERO16, _ZERO16).pack()
+        self._emit(peer, peer.cookies.add_macs(reply, now))
+        self.stats["responses_sent"] += 1
+        self._authenticated_sent(peer, now)
+
+    def _receive_response(self, data: bytes, src: Endpoint, now: float) -> None:
+        msg = Response.unpack(data)
+        if not self._handshake_gate(data, msg.sender, src, now):
+            return
+        assert self.private_key is not None
+        entry = self.indices.handshake(msg.receiver)
+        if entry is None:
+            self.drops["unknown_index"] += 1
+            return
+        peer, pending = entry
+        try:
+            _, (send, recv) = noise.consume_response(
+                pending.state, self.private_key, msg.ephemeral, msg.encrypted_nothing,
+                peer.preshared_key,
+            )
+        except CryptoError:
+            self.drops["handshake_auth"] += 1
+            return
+        self.indices.remove(pending.local_index)
+        peer.handshake = None
+        kp = Keypair(peer, pending.local_index, msg.sender, True, now, send, recv)
+        self._install_keypair(peer, kp)
+        self._authenticated_received(peer, src, len(data), now)
+        self._handshake_complete(peer, now)
+        self.send_keepalive(peer, now)
+
+    def _receive_cookie_reply(self, data: bytes, now: float) -> None:
+        msg = CookieReply.unpack(data)
+        peer = self.indices.peer_of(msg.receiver)
+        if peer is None:
+            self.drops["unknown_index"] += 1
+            return
+        if peer.cookies.consume_reply(msg, now):
+            self.stats["cookies_received"] += 1
+        else:
+            self.drops["bad_cookie"] += 1
+
+    # ------------------------------------------------------------------ timers
+
+    def _fire(self, peer: Peer, name: str, now: float) -> None:
+        if name == RETRANSMIT_HANDSHAKE:
+            if peer.handshake_attempts > self.limits.max_timer_handshakes:
+                peer.timers.disarm(SEND_KEEPALIVE)
+                peer.staged.clear()
+                peer.timers.arm_if_idle(ZERO_KEY_MATERIAL, now + self.limits.reject_after_time * 3)
+                self.events.append(("handshake_gave_up", peer))
+            else:
+                peer.handshake_attempts += 1
+                self._initiate(peer, now, retry=True)
+        elif name == SEND_KEEPALIVE:
+            self.send_keepalive(peer, now)
+            if peer.need_another_keepalive:
+                peer.need_another_keepalive = False
+                peer.timers.arm(SEND_KEEPALIVE, now + self.limits.keepalive_timeout)
+        elif name == NEW_HANDSHAKE:
+            self._initiate(peer, now, retry=False)
+        elif name == ZERO_KEY_MATERIAL:
+            self._clear_sessions(peer)
+        elif name == PERSISTENT_KEEPALIVE and peer.persistent_keepalive:
+            self.send_keepalive(peer, now)
+
+
+def check_public_key(key: bytes) -> None:
+    """Refuse keys of the wrong length and low-order points, as the kernel does."""
+    if len(key) != 32:
+        raise ConfigError("public key must be 32 bytes")
+    try:
+        dh(_LOW_ORDER_PROBE, key)
+    except CryptoError as e:
+        raise ConfigError("public key is a low-order point") from e
+
+
+def drain(items: list, into: Iterable | None = None) -> list:
+    """Take everything out of an output list (the caller owns the returned list)."""
+    out = items[:]
+    items.clear()
+    return out
