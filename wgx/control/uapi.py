@@ -287,6 +287,7 @@ class UapiServer:
             self.listener.bind(self.path)
         finally:
             os.umask(old)
+        os.chmod(self.path, 0o600)
         self.listener.listen(MAX_CLIENTS)
         self.listener.setblocking(False)
         self.inode = os.stat(self.path).st_ino

@@ -26,6 +26,7 @@ from .crypto import (
 from .messages import MAC_LEN, CookieReply
 
 COOKIE_REFRESH_TIME = 120.0  # the secret changes and a cookie expires after this
+COOKIE_SECRET_LATENCY = 5.0  # a sender stops using a cookie this much before it expires
 _ZERO_MAC = bytes(MAC_LEN)
 
 Random = Callable[[int], bytes]
@@ -88,7 +89,11 @@ class CookieGenerator:
         body = msg[:off]
         mac1 = mac(self.mac1_key, body)
         self.last_mac1 = mac1
-        if self.cookie is not None and now - self.cookie_time < COOKIE_REFRESH_TIME:
+        # Kernel cookie.c: a cookie is used for COOKIE_SECRET_MAX_AGE - COOKIE_SECRET_LATENCY.
+        if (
+            self.cookie is not None
+            and now - self.cookie_time < COOKIE_REFRESH_TIME - COOKIE_SECRET_LATENCY
+        ):
             mac2 = mac(self.cookie, body + mac1)
         else:
             mac2 = _ZERO_MAC
@@ -105,4 +110,5 @@ class CookieGenerator:
             return False
         self.cookie = cookie
         self.cookie_time = now
+        self.last_mac1 = None  # kernel: have_sent_mac1 = false, one reply per message
         return True

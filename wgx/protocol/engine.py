@@ -122,6 +122,9 @@ class Engine:
                 self.remove_peer(peer.public_key)
             else:
                 self._clear_sessions(peer)
+                # Kernel wg_noise_expire_current_peer_keypairs also resets the handshake
+                # rate limit, so a new handshake under the new identity can start at once.
+                peer.last_sent_handshake = float("-inf")
 
     def add_peer(self, public_key_: bytes) -> Peer:
         """The peer with this public key, created if new. Refuses invalid keys."""
@@ -398,11 +401,12 @@ class Engine:
             self._deliver(peer, plain, now)
         else:
             self.stats["keepalives_received"] += 1
+        cur = peer.current  # kernel keep_key_fresh() looks at the current keypair
         if (
             not peer.sent_lastminute_handshake
-            and peer.current is kp
-            and kp.initiator
-            and now - kp.created
+            and cur is not None
+            and cur.initiator
+            and now - cur.created
             >= self.limits.reject_after_time
             - self.limits.keepalive_timeout
             - self.limits.rekey_timeout
@@ -412,6 +416,12 @@ class Engine:
 
     def _deliver(self, peer: Peer, plain: bytes, now: float) -> None:
         """Trim padding, check the inner source against allowed IPs, queue for the TUN."""
+        # Kernel wg_timers_data_received() runs for every authenticated non-keepalive
+        # packet, before the inner header and source checks.
+        if peer.timers.pending(SEND_KEEPALIVE):
+            peer.need_another_keepalive = True
+        else:
+            peer.timers.arm(SEND_KEEPALIVE, now + self.limits.keepalive_timeout)
         version = plain[0] >> 4
         n = len(plain)
         if version == 4 and n >= 20:
@@ -429,10 +439,6 @@ class Engine:
         if self.allowed.lookup_packet_src(packet) is not peer:
             self.drops["allowedips_source"] += 1
             return
-        if peer.timers.pending(SEND_KEEPALIVE):
-            peer.need_another_keepalive = True
-        else:
-            peer.timers.arm(SEND_KEEPALIVE, now + self.limits.keepalive_timeout)
         self.tun.append(packet)
 
     def _handshake_gate(self, data: bytes, sender: int, src: Endpoint, now: float) -> bool:
@@ -492,6 +498,9 @@ class Engine:
         self._authenticated_received(peer, src, len(data), now)
         reply = Response(index, msg.sender, eph, enc_empty, _ZERO16, _ZERO16).pack()
         self._emit(peer, peer.cookies.add_macs(reply, now))
+        # Kernel wg_packet_send_handshake_response sets last_sent_handshake too: the
+        # responder does not start its own handshake while the initiator confirms ours.
+        peer.last_sent_handshake = now
         self.stats["responses_sent"] += 1
         self._authenticated_sent(peer, now)
 
@@ -538,6 +547,7 @@ class Engine:
         if name == RETRANSMIT_HANDSHAKE:
             if peer.handshake_attempts > self.limits.max_timer_handshakes:
                 peer.timers.disarm(SEND_KEEPALIVE)
+                self.drops["handshake_timeout"] += len(peer.staged)
                 peer.staged.clear()
                 peer.timers.arm_if_idle(ZERO_KEY_MATERIAL, now + self.limits.reject_after_time * 3)
                 self.events.append(("handshake_gave_up", peer))

@@ -1,0 +1,100 @@
+"""Lifecycle of the wgx-userspace daemon in a network namespace.
+
+It must behave like `wireguard-go IFACE`: socket and directory modes, exit on
+SIGTERM/SIGINT, on deletion of its TUN device and on removal of its UAPI
+socket, and daemonize unless -f is given.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import time
+
+import netlab
+import pytest
+
+pytestmark = pytest.mark.privileged
+
+WGX = [shutil.which("wgx-userspace") or "wgx-userspace"]
+
+
+def wait_exit(p, timeout: float = 5.0) -> int:
+    return p.wait(timeout=timeout)
+
+
+def test_socket_modes_and_sigterm(lab: netlab.Lab) -> None:
+    h = lab.a
+    p = h.start_daemon(WGX, "wgx0")
+    sock = h.socket_path("wgx0")
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(h.uapi_dir).st_mode) == 0o755
+    assert "listening port" in h.wg("show", "wgx0")
+    p.send_signal(signal.SIGTERM)
+    assert wait_exit(p) == 0
+    assert not sock.exists()
+    assert not h.link_exists("wgx0")
+
+
+def test_sigint_exits_cleanly(lab: netlab.Lab) -> None:
+    h = lab.a
+    p = h.start_daemon(WGX, "wgx0")
+    p.send_signal(signal.SIGINT)
+    assert wait_exit(p) == 0
+    assert not h.socket_path("wgx0").exists()
+
+
+def test_exits_when_tun_deleted(lab: netlab.Lab) -> None:
+    h = lab.a
+    p = h.start_daemon(WGX, "wgx0")
+    h.ip("link", "del", "wgx0")
+    assert wait_exit(p) == 0
+    assert not h.socket_path("wgx0").exists()
+
+
+def test_exits_when_socket_removed(lab: netlab.Lab) -> None:
+    h = lab.a
+    p = h.start_daemon(WGX, "wgx0")
+    h.socket_path("wgx0").unlink()
+    assert wait_exit(p) == 0
+    assert not h.link_exists("wgx0")
+
+
+def test_second_daemon_on_same_interface_refused(lab: netlab.Lab) -> None:
+    h = lab.a
+    h.start_daemon(WGX, "wgx0")
+    cp = netlab._run(h.uapi_wrap(WGX + ["-f", "wgx0"]), check=False)
+    assert cp.returncode != 0
+    assert "wgx0" in cp.stderr
+    assert "listening port" in h.wg("show", "wgx0")  # the first one is undisturbed
+
+
+def test_daemonizes_without_foreground_flag(lab: netlab.Lab) -> None:
+    h = lab.a
+    t0 = time.monotonic()
+    cp = netlab._run(h.uapi_wrap(WGX + ["wgx1"]), timeout=20)
+    assert cp.returncode == 0
+    assert time.monotonic() - t0 < 15
+    sock = h.socket_path("wgx1")
+    assert sock.exists() and h.link_exists("wgx1")
+    assert "listening port" in h.wg("show", "wgx1")
+    sock.unlink()  # the detached daemon notices and exits, removing its TUN
+    assert netlab.wait_until(lambda: not h.link_exists("wgx1"), timeout=5)
+
+
+def test_bad_interface_name_is_an_error(lab: netlab.Lab) -> None:
+    cp = netlab._run(lab.a.uapi_wrap(WGX + ["-f", "x" * 20]), check=False)
+    assert cp.returncode == 1
+    assert "invalid interface name" in cp.stderr
+
+
+def test_log_level_and_version() -> None:
+    import subprocess
+
+    cp = subprocess.run(WGX + ["--version"], capture_output=True, text=True, timeout=20)
+    assert cp.returncode == 0 and cp.stdout.startswith("wgx-userspace v")
+    cp = subprocess.run(WGX + ["-f", "wgxbad0"], capture_output=True, text=True, timeout=20,
+                        env={**os.environ, "LOG_LEVEL": "loud"})
+    assert cp.returncode == 2 and "LOG_LEVEL" in cp.stderr
