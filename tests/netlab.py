@@ -1105,8 +1105,9 @@ class Lab:
         wait: float = 2.0,
         attempts: int = 1,
         check: bool = True,
+        size: int | None = None,
     ) -> dict[str, Any]:
-        """ping from `src`; returns {"transmitted", "received", "rtt_avg_ms", "output"}.
+        """ping from `src` (`size`: ICMP payload bytes); returns {"transmitted", "received", "rtt_avg_ms", "output"}.
 
         With check=True, raises NetlabError unless all `count` replies arrived in
         one of `attempts` tries.
@@ -1115,7 +1116,8 @@ class Lab:
         res: dict[str, Any] = {}
         for _ in range(max(1, attempts)):
             cp = h.run(
-                ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", str(wait), dst_addr],
+                ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", str(wait),
+                 *(["-s", str(size)] if size else []), dst_addr],
                 check=False,
                 timeout=count * (interval + wait) + 10,
             )
