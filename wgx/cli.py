@@ -6,14 +6,22 @@ This is the only module that prints for humans.
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
 import logging
 import os
 import sys
+import time
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from wgx import __version__
+from wgx.control import config, exporter, wgset
+from wgx.control.interface import Interface, InterfaceError, with_live_state
+from wgx.control.uapi import format_endpoint
+from wgx.control.uapi_client import UapiClient, UapiClientError
 from wgx.protocol import crypto
 
 app = typer.Typer(
@@ -41,15 +49,33 @@ def _read_key(text: str) -> bytes:
     return raw
 
 
+def _write_secret(text: str, path: str | None) -> None:
+    """Write a key to `path` (created 0600) or stdout, warning like wg about readable files."""
+    if path is not None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        return
+    st = os.fstat(sys.stdout.fileno())
+    if (st.st_mode & 0o077) and not os.isatty(sys.stdout.fileno()) and (st.st_mode & 0o170000) \
+            == 0o100000:
+        typer.echo("Warning: writing to world accessible file.\n"
+                   "Consider setting the umask to 077 and trying again.", err=True)
+    typer.echo(text)
+
+
+KeyFileArg = Annotated[str | None, typer.Argument(
+    metavar="[FILE]", help="Write the key to FILE (created with mode 0600) instead of stdout.")]
+
+
 @app.command()
-def genkey() -> None:
+def genkey(out: KeyFileArg = None) -> None:
     """Print a new private key (base64), like `wg genkey`.
 
-    Example: [bold]umask 077; wgx genkey > private.key[/bold]
+    Example: [bold]wgx genkey private.key[/bold]  or  [bold]umask 077; wgx genkey > key[/bold]
     """
-    if sys.stdout.isatty():
-        typer.echo("warning: writing a private key to a terminal", err=True)
-    typer.echo(_b64(crypto.generate_private_key()))
+    _write_secret(_b64(crypto.generate_private_key()), out)
 
 
 @app.command()
@@ -62,18 +88,251 @@ def pubkey() -> None:
 
 
 @app.command()
-def genpsk() -> None:
+def genpsk(out: KeyFileArg = None) -> None:
     """Print a new preshared key (base64), like `wg genpsk`.
 
-    Example: [bold]wgx genpsk > psk.key[/bold]
+    Example: [bold]wgx genpsk psk.key[/bold]
     """
-    typer.echo(_b64(os.urandom(32)))
+    _write_secret(_b64(os.urandom(32)), out)
 
 
 @app.command()
 def version() -> None:
     """Print the wgx version."""
     typer.echo(f"wgx {__version__}")
+
+
+
+NetnsOpt = Annotated[str | None, typer.Option(
+    "--netns", help="Operate inside this existing network namespace (ip netns name). "
+    "UAPI sockets are one filesystem path for all namespaces, so interface names "
+    "must be unique on the host.")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _load_config(target: str) -> config.Config:
+    try:
+        conf = config.load(config.resolve(target))
+    except config.ConfigError as e:
+        raise _fail(str(e), 2) from None
+    for warning in conf.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    if (w := config.permission_warning(conf.path)) is not None:
+        typer.echo(f"warning: {w}", err=True)
+    return conf
+
+
+def _interface(target: str, netns: str | None, dataplane: str = "auto") -> Interface:
+    return Interface(_load_config(target), netns=netns, dataplane=dataplane,
+                     log=lambda m: typer.echo(f"[#] {m}", err=True))
+
+
+@app.command()
+def up(
+    target: Annotated[str, typer.Argument(
+        metavar="CONFIG|IFACE", help="A config file, or IFACE for /etc/wireguard/IFACE.conf.")],
+    dataplane: Annotated[str, typer.Option(
+        help="auto (XDP where possible, else socket), xdp, or socket.")] = "auto",
+    netns: NetnsOpt = None,
+) -> None:
+    """Bring up a tunnel from a wg-quick config: daemon, keys, peers, addresses, MTU, routes.
+
+    A default route (AllowedIPs 0.0.0.0/0 or ::/0) gets wg-quick's fwmark policy
+    routing: table 51820, a `not fwmark` rule and a `suppress_prefixlength 0` rule.
+    If any step fails, everything done so far is rolled back.
+
+    Example: [bold]wgx up wg0[/bold]  or  [bold]wgx up ./lab/alpha.conf --netns alpha[/bold]
+    """
+    if dataplane not in ("auto", "xdp", "socket"):
+        raise _fail(f"--dataplane {dataplane!r}: use auto, xdp or socket", 2)
+    iface = _interface(target, netns, dataplane)
+    try:
+        config.validate_for_up(iface.config)
+        iface.up()
+    except config.ConfigError as e:
+        raise _fail(str(e), 2) from None
+    except (InterfaceError, OSError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"[#] {iface.name} is up", err=True)
+
+
+@app.command()
+def down(
+    target: Annotated[str, typer.Argument(metavar="CONFIG|IFACE")],
+    netns: NetnsOpt = None,
+) -> None:
+    """Undo exactly what `wgx up` did (with SaveConfig = true, save the live state first).
+
+    Example: [bold]wgx down wg0[/bold]
+    """
+    iface = _interface(target, netns)
+    try:
+        iface.down()
+    except (InterfaceError, OSError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"[#] {iface.name} is down", err=True)
+
+
+def _ago(ts: float) -> str:
+    if not ts:
+        return "never"
+    secs = max(0, int(time.time() - ts))
+    parts = [(secs // 3600, "hour"), (secs % 3600 // 60, "minute"), (secs % 60, "second")]
+    words = [f"{n} {u}{'s' if n != 1 else ''}" for n, u in parts if n]
+    return (", ".join(words) or "0 seconds") + " ago"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _show_one(name: str, show_keys: bool) -> dict:
+    client = UapiClient(name)
+    dev = client.get()
+    try:
+        extra = client.stats()
+    except UapiClientError:
+        extra = {}
+    return {
+        "interface": name,
+        "public_key": _b64(crypto.public_key(dev.private_key)) if dev.private_key else None,
+        "private_key": (_b64(dev.private_key) if show_keys else "(hidden)")
+        if dev.private_key else None,
+        "listen_port": dev.listen_port,
+        "fwmark": dev.fwmark or None,
+        "dataplane": extra.get("dataplane", "unknown (not a wgx daemon)"),
+        "drops": {k[5:]: int(v) for k, v in extra.items() if k.startswith("drop.")},
+        "stats": {k[5:]: int(v) for k, v in extra.items() if k.startswith("stat.")},
+        "peers": [
+            {
+                "public_key": _b64(p.public_key),
+                "preshared_key": (_b64(p.preshared_key) if show_keys else "(hidden)")
+                if any(p.preshared_key) else None,
+                "endpoint": format_endpoint(p.endpoint) if p.endpoint else None,
+                "allowed_ips": p.allowed_ips,
+                "latest_handshake": p.last_handshake or None,
+                "rx_bytes": p.rx_bytes,
+                "tx_bytes": p.tx_bytes,
+                "persistent_keepalive": p.persistent_keepalive or None,
+            }
+            for p in dev.peers
+        ],
+    }
+
+
+@app.command()
+def show(
+    target: Annotated[str, typer.Argument(metavar="[IFACE|all]")] = "all",
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    show_keys: Annotated[bool, typer.Option(
+        "--show-keys", help="Print private and preshared keys (hidden by default).")] = False,
+    netns: NetnsOpt = None,
+) -> None:
+    """Show interfaces like `wg show`, plus wgx's dataplane and drop counters.
+
+    Example: [bold]wgx show wg0 --json[/bold]
+    """
+    names = exporter.interfaces() if target == "all" else [target]
+    try:
+        infos = [_show_one(n, show_keys) for n in names]
+    except UapiClientError as e:
+        raise _fail(str(e)) from None
+    if json_out:
+        typer.echo(json.dumps(infos if target == "all" else infos[0], indent=2))
+        return
+    console = Console()
+    for info in infos:
+        console.print(f"[bold green]interface[/]: [green]{info['interface']}[/]")
+        for key in ("public_key", "private_key", "listen_port", "fwmark", "dataplane"):
+            if info[key] is not None:
+                console.print(f"  [bold]{key.replace('_', ' ')}[/]: {info[key]}")
+        if info["drops"]:
+            drops = ", ".join(f"{k} {v}" for k, v in sorted(info["drops"].items()))
+            console.print(f"  [bold]dropped[/]: {drops}")
+        for p in info["peers"]:
+            console.print(f"\n[bold yellow]peer[/]: [yellow]{p['public_key']}[/]")
+            if p["preshared_key"]:
+                console.print(f"  [bold]preshared key[/]: {p['preshared_key']}")
+            if p["endpoint"]:
+                console.print(f"  [bold]endpoint[/]: {p['endpoint']}")
+            console.print(f"  [bold]allowed ips[/]: {', '.join(p['allowed_ips']) or '(none)'}")
+            if p["latest_handshake"]:
+                console.print(f"  [bold]latest handshake[/]: {_ago(p['latest_handshake'])}")
+            console.print(f"  [bold]transfer[/]: {_bytes(p['rx_bytes'])} received, "
+                          f"{_bytes(p['tx_bytes'])} sent")
+            if p["persistent_keepalive"]:
+                console.print(f"  [bold]persistent keepalive[/]: every "
+                              f"{p['persistent_keepalive']} seconds")
+        console.print()
+
+
+@app.command()
+def showconf(
+    iface: Annotated[str, typer.Argument(help="Interface name.")],
+    netns: NetnsOpt = None,
+) -> None:
+    """Print the live configuration in a form `wgx up` and `wg setconf` accept.
+
+    Example: [bold]wgx showconf wg0 > wg0.conf[/bold]
+    """
+    try:
+        dev = UapiClient(iface).get()
+    except UapiClientError as e:
+        raise _fail(str(e)) from None
+    conf = with_live_state(config.Config(path=f"{iface}.conf"), dev)
+    typer.echo(config.wg_setconf_text(conf), nl=False)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def set(  # noqa: A001 (the command is called set, like `wg set`)
+    ctx: typer.Context,
+    iface: Annotated[str, typer.Argument(help="Interface name.")],
+    netns: NetnsOpt = None,
+) -> None:
+    """Change a live interface with `wg set`'s grammar.
+
+    [listen-port P] [fwmark M] [private-key FILE] [peer KEY [remove] [preshared-key FILE]
+    [endpoint HOST:PORT] [persistent-keepalive N|off] [allowed-ips IP/CIDR,...]]...
+
+    Example: [bold]wgx set wg0 peer KEY= endpoint 198.18.0.2:51820 allowed-ips 10.99.0.2/32[/bold]
+    """
+    try:
+        body = wgset.to_uapi(list(ctx.args))
+        UapiClient(iface).set(body)
+    except wgset.WgSetError as e:
+        raise _fail(str(e), 2) from None
+    except UapiClientError as e:
+        raise _fail(str(e)) from None
+
+
+@app.command("exporter")
+def exporter_cmd(
+    listen: Annotated[str, typer.Option(help="HOST:PORT to serve /metrics on.")]
+    = "127.0.0.1:9586",
+) -> None:
+    """Serve Prometheus metrics of all WireGuard interfaces on this host.
+
+    Example: [bold]wgx exporter --listen 127.0.0.1:9586[/bold]; then
+    curl http://127.0.0.1:9586/metrics
+    """
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit():
+        raise _fail(f"--listen {listen!r}: expected HOST:PORT", 2)
+    try:
+        server = exporter.serve(host.strip("[]") or "127.0.0.1", int(port))
+    except OSError as e:
+        raise _fail(f"cannot listen on {listen}: {e.strerror}") from None
+    typer.echo(f"serving metrics on http://{listen}/metrics", err=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
 
 
 # --------------------------------------------------------------------------- wgx-userspace

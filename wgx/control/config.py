@@ -20,6 +20,14 @@ Pure: no network, no processes, no name resolution. The file format is the one o
 Errors are :class:`ConfigError` (``path:line: message``), one per file: the first found.
 Things wg accepts silently but that change the meaning are kept in
 :attr:`Config.warnings` (for example AllowedIPs with host bits set).
+
+Where this module is stricter than wg/wg-quick (each is an error): a second [Interface]
+section; the same PublicKey in two peers; low-order public keys; +/- AllowedIPs entries;
+port names instead of numbers; Endpoint port 0; brackets around a non-IPv6 endpoint host
+and IPv6 endpoints without brackets (wg splits at the last colon); MTU outside 576..65535,
+or below 1280 with an IPv6 Address; Address prefixes as dotted netmasks; an empty MTU,
+Table or SaveConfig; a leading byte order mark. AllowedIPs with host bits set are
+accepted and stored masked (the kernel ignores the host part; newer wg warns).
 """
 
 from __future__ import annotations

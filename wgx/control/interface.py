@@ -15,6 +15,7 @@ link; policy rules, sysctls and DNS are undone one by one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -205,9 +206,9 @@ class Interface:
         if ic.listen_port is not None:
             lines.append(f"listen_port={ic.listen_port}")
         fwmark = ic.fwmark
-        if fwmark is None and self._wants_policy_routing():
+        if not fwmark and self._wants_policy_routing():
             fwmark = self._pick_table()
-        if fwmark:
+        if fwmark is not None:
             lines.append(f"fwmark={fwmark}")
             state.fwmark = fwmark
         for p in self.config.peers:
@@ -289,8 +290,9 @@ class Interface:
         if resolvconf is None:
             self.log("DNS= is set but resolvconf is not installed: DNS left unchanged")
             return
-        lines = [f"nameserver {d}" for d in dns if _is_ip(d)]
-        search = [d for d in dns if not _is_ip(d)]
+        ic = self.config.interface
+        lines = [f"nameserver {d}" for d in ic.dns_servers]
+        search = ic.dns_search
         if search:
             lines.append("search " + " ".join(search))
         subprocess.run([resolvconf, "-a", f"tun.{self.name}", "-m", "0", "-x"],
@@ -318,8 +320,7 @@ class Interface:
 
     def save_config(self) -> None:
         """Write the live peers, port and keys back into the config file (SaveConfig)."""
-        live = self.uapi.get()
-        self.config = cfg.with_live_state(self.config, live)
+        self.config = with_live_state(self.config, self.uapi.get())
         tmp = Path(str(self.config.path) + ".tmp")
         tmp.write_text(cfg.dumps(self.config))
         os.chmod(tmp, 0o600)
@@ -355,9 +356,18 @@ class Interface:
                 os.kill(state.daemon_pid, 15)
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
+def with_live_state(config: cfg.Config, live: DeviceState) -> cfg.Config:
+    """`config` with the daemon's current port, key and peers (what SaveConfig keeps)."""
+    ic = dataclasses.replace(config.interface, private_key=live.private_key,
+                             listen_port=live.listen_port or None)
+    peers = [
+        cfg.PeerConfig(
+            public_key=p.public_key,
+            preshared_key=p.preshared_key if any(p.preshared_key) else None,
+            allowed_ips=[ipaddress.ip_network(n) for n in p.allowed_ips],
+            endpoint=cfg.Endpoint(*p.endpoint) if p.endpoint else None,
+            persistent_keepalive=p.persistent_keepalive or None,
+        )
+        for p in live.peers
+    ]
+    return dataclasses.replace(config, interface=ic, peers=peers)
