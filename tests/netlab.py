@@ -1107,7 +1107,9 @@ class Lab:
         check: bool = True,
         size: int | None = None,
     ) -> dict[str, Any]:
-        """ping from `src` (`size`: ICMP payload bytes); returns {"transmitted", "received", "rtt_avg_ms", "output"}.
+        """ping from `src` (`size`: ICMP payload bytes).
+
+        Returns {"transmitted", "received", "rtt_avg_ms", "output"}.
 
         With check=True, raises NetlabError unless all `count` replies arrived in
         one of `attempts` tries.

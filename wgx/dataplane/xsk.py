@@ -62,6 +62,16 @@ driver refuses.  What copy mode needs (checked on 6.18):
   needs a wakeup; with zero-copy and need_wakeup the driver sets the fill
   ring's flag and `wakeup_rx` (a zero-length recvfrom) is called for it.
 
+Observed on 6.18 with veth: a zero-copy bind fails with EOPNOTSUPP and the
+same socket then binds in copy mode; the TX ring's need_wakeup flag is always
+set and the fill ring's never; XDP_MAX_TX_SKB_BUDGET gives EACCES outside
+[32, TX ring size] (and without a TX ring) and cannot be read back; a copy-mode
+sendto() returns EAGAIN while frames remain after its budget, so 1000 frames
+take 4 calls at budget 256 (32 calls at the default 32); a queue stays EBUSY
+for about 20-30 ms after its socket was closed (deferred pool release), which
+`XskSocket` retries; `ss --xdp` shows nothing (no CONFIG_XDP_SOCKETS_DIAG),
+but /proc/net/protocols counts AF_XDP sockets per namespace.
+
 Frames.  `Umem` has a simple allocator (a numpy stack of free frame
 addresses).  RX frames come back from `rx_peek` with the address of the packet
 data (chunk start + XDP_PACKET_HEADROOM + UMEM headroom in copy mode); the
@@ -138,6 +148,16 @@ DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("options", "<u4")])  # 
 ADDR_DTYPE = np.dtype("<u8")
 
 _U32 = 0xFFFFFFFF
+
+
+def _empty(dtype: str) -> np.ndarray:
+    a = np.empty(0, dtype=dtype)
+    a.flags.writeable = False  # shared: returned for every empty peek
+    return a
+
+
+_EMPTY_U64 = _empty("<u8")
+_EMPTY_U32 = _empty("<u4")
 
 
 class SockaddrXdp(ctypes.Structure):
@@ -349,7 +369,7 @@ class CompletionRing(ConsumerRing):
         n = self.available(max_n)
         if max_n is not None:
             n = min(n, max_n)
-        return self._take(self.desc, n)
+        return self._take(self.desc, n) if n else _EMPTY_U64
 
     def reap(self, max_n: int | None = None) -> np.ndarray:
         """Copy out and release up to `max_n` completed TX addresses."""
@@ -367,6 +387,8 @@ class RxRing(ConsumerRing):
     def peek(self, max_n: int) -> tuple[np.ndarray, np.ndarray]:
         """Copies of up to `max_n` (addrs u64, lens u32); `release` them when done."""
         n = min(self.available(max_n), max_n)
+        if not n:
+            return _EMPTY_U64, _EMPTY_U32
         return self._take(self._addr, n), self._take(self._len, n)
 
     def close(self) -> None:
@@ -530,13 +552,16 @@ class XskSocket:
     `Umem` that other sockets already use shares it (XDP_SHARED_UMEM); bind
     flags then come from the first socket.  `mode` is "auto" (zero-copy if the
     driver can, else copy), "zerocopy" or "copy"; the result is in `self.mode`.
-    rx_size or tx_size may be 0 for a one-way socket.
+    rx_size or tx_size may be 0 for a one-way socket.  `tx_budget` is the
+    copy-mode frames-per-sendto() limit to ask for (clamped to tx_size;
+    `self.max_tx_budget` says what the kernel accepted).  `busy_timeout`: how
+    long bind() retries EBUSY (a queue just released by a closed socket).
     """
 
     def __init__(self, ifname: str | int, queue_id: int = 0, umem: Umem | None = None, *,
                  rx_size: int = DEFAULT_RING_SIZE, tx_size: int = DEFAULT_RING_SIZE,
                  mode: str = "auto", need_wakeup: bool = True,
-                 tx_budget: int = DEFAULT_TX_BUDGET) -> None:
+                 tx_budget: int = DEFAULT_TX_BUDGET, busy_timeout: float = 1.0) -> None:
         if mode not in ("auto", "zerocopy", "copy"):
             raise ValueError("mode must be 'auto', 'zerocopy' or 'copy'")
         if not rx_size and not tx_size:
@@ -558,13 +583,15 @@ class XskSocket:
         self.zerocopy_error = ""  # why "auto" fell back to copy mode
         self.shared = False
         self.need_wakeup = need_wakeup
+        self.busy_timeout = busy_timeout
         self.max_tx_budget = TX_BATCH_SIZE
         self.tx_syscalls = 0  # sendto() kicks made
         self.tx_eagain = 0    # ... of which returned EAGAIN/EBUSY/ENOBUFS
         self.offsets: MmapOffsets | None = None
         self.closed = False
-        self._sock = socket.socket(AF_XDP, socket.SOCK_RAW, 0)
+        self._sock: socket.socket | None = None
         try:
+            self._sock = socket.socket(AF_XDP, socket.SOCK_RAW, 0)
             self._setup(rx_size, tx_size, mode, tx_budget)
         except BaseException:
             self.close()
@@ -636,11 +663,25 @@ class XskSocket:
                 pass  # kernel < 6.17: 32 frames per sendto(), kick() just loops more
 
     def _bind(self, flags: int, shared_fd: int = 0) -> None:
+        """bind() through libc; EBUSY is retried for up to `busy_timeout` s.
+
+        A queue stays busy for a while (20-40 ms on 6.18) after the socket that
+        held it was closed: the kernel frees the buffer pool in deferred work
+        (RCU + workqueue).  A queue held by a live socket stays busy: then the
+        EBUSY is raised after the timeout.
+        """
         sa = SockaddrXdp(AF_XDP, flags, self.ifindex, self.queue_id, shared_fd)
-        if _libc.bind(self._sock.fileno(), ctypes.byref(sa), ctypes.sizeof(sa)) != 0:
+        deadline = time.monotonic() + self.busy_timeout
+        err = 0
+        for _ in range(10_000):
+            if _libc.bind(self._sock.fileno(), ctypes.byref(sa), ctypes.sizeof(sa)) == 0:
+                return
             err = ctypes.get_errno()
-            raise OSError(err, f"AF_XDP bind to {self.ifname} queue {self.queue_id} "
-                               f"(flags {flags:#x}): {os.strerror(err)}")
+            if err != errno.EBUSY or time.monotonic() >= deadline:
+                break
+            time.sleep(0.002)
+        raise OSError(err, f"AF_XDP bind to {self.ifname} queue {self.queue_id} "
+                           f"(flags {flags:#x}): {os.strerror(err)}")
 
     # -- plumbing
     def fileno(self) -> int:
@@ -783,9 +824,10 @@ class XskSocket:
                 pool.close()
                 if self.umem._pools.get(pool.key) is pool:
                     del self.umem._pools[pool.key]
-        with contextlib.suppress(AttributeError, KeyError, ValueError):
-            self._poller.unregister(self._sock.fileno())
-        self._sock.close()
+        if self._sock is not None:
+            with contextlib.suppress(AttributeError, KeyError, ValueError):
+                self._poller.unregister(self._sock.fileno())
+            self._sock.close()
         if self._own_umem:
             self.umem.close()
 
