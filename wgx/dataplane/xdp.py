@@ -22,6 +22,11 @@ on every packet arriving on the interface gets one verdict (VERDICT_NAMES):
 * anything else to the port (truncated, nonzero reserved bytes, unknown type,
   wrong size, unknown receiver index, counter below the floor) -> XDP_DROP.
 
+Deliberate gaps (the daemon validates everything anyway): only one VLAN tag and
+only the IPv6 fixed header are parsed, so QinQ frames and IPv6 packets with
+extension headers (including fragments) are "not ours" and reach the daemon's
+socket unfiltered; IPv4 fragments likewise.
+
 ``detach()`` removes the program (only if it is still ours: the kernel checks
 the expected fd) and closes the fds.  ``cleanup_stale(ifname)`` removes a wgx
 program left attached by a daemon that was killed (legacy netlink XDP
@@ -116,6 +121,7 @@ MODES = ("auto", "native", "generic")
 BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "wgx_xdp.c"
 _PKG_ROOT = Path(__file__).resolve().parents[2]
 HELPER_TIMEOUT = 120.0
+SYSTEM_PYTHON = "/usr/bin/python3"  # where Debian's python3-bpfcc lives
 
 # XDP netlink flags / IFLA_XDP_ATTACHED values (include/uapi/linux/if_link.h)
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
@@ -158,7 +164,8 @@ _libc.syscall.restype = ctypes.c_long
 
 
 def _bpf(cmd: int, attr: ctypes.Array) -> int:
-    ret = _libc.syscall(_SYS_BPF, cmd, attr, len(attr))
+    ret = _libc.syscall(ctypes.c_long(_SYS_BPF), ctypes.c_long(cmd), attr,
+                        ctypes.c_long(len(attr)))
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -396,6 +403,25 @@ def _compile_in_helper(source: Path, cflags: Sequence[str],
             proc.wait(timeout=10)
 
 
+def _compile_isolated(source: Path, cflags: Sequence[str],
+                      python: Sequence[str] | None) -> tuple[int, dict[str, int], dict]:
+    """Compile in a helper; without an explicit `python`, try sys.executable and then
+    Debian's /usr/bin/python3 (the helper needs only the stdlib and bcc)."""
+    if python is not None:
+        return _compile_in_helper(source, cflags, python)
+    candidates = [sys.executable]
+    if os.path.exists(SYSTEM_PYTHON) and os.path.realpath(SYSTEM_PYTHON) != \
+            os.path.realpath(sys.executable):
+        candidates.append(SYSTEM_PYTHON)
+    for i, exe in enumerate(candidates):
+        try:
+            return _compile_in_helper(source, cflags, [exe])
+        except XdpError as e:
+            if e.reason != "bcc_missing" or i == len(candidates) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 # -------------------------------------------------------------------- netlink
 
 @contextlib.contextmanager
@@ -538,7 +564,8 @@ class XdpProgram:
         mode: "auto" (native, else generic), "native" or "generic".
         netns: name under /run/netns (or a path) for the netlink calls; None = ours.
         isolate: compile in a helper process (see module docstring); `python` is
-        its interpreter command (default: sys.executable).
+        its interpreter command (default: sys.executable, then /usr/bin/python3
+        if that one cannot import bcc).
         replace: first remove any XDP program already on the interface
         (otherwise XdpError("busy") if there is one).
         cflags: extra clang flags, e.g. "-DWGX_SESSIONS_MAX=4096".
@@ -561,7 +588,7 @@ class XdpProgram:
 
         t0 = time.monotonic()
         if isolate:
-            prog_fd, map_fds, stats = _compile_in_helper(src, cflags, python)
+            prog_fd, map_fds, stats = _compile_isolated(src, cflags, python)
         else:
             b, fd, raw = _compile(src, cflags)
             prog_fd = os.dup(fd)
