@@ -263,9 +263,11 @@ int wgx_xdp(struct xdp_md *ctx)
 		return count(ctx, WGX_V_DROP_BAD_TYPE, XDP_DROP);
 	}
 
-	/* Transport data: header (16 B) + encrypted payload, a multiple of 16 B
-	 * (the sender pads the plaintext to 16), at least the 16 B tag. */
-	if (len < WG_SIZE_DATA_MIN || (len - WG_SIZE_DATA_HEADER) % 16 != 0)
+	/* Transport data: header (16 B) + encrypted payload, at least the 16 B tag.
+	 * No multiple-of-16 rule: senders pad to 16 only up to the tunnel MTU, so a
+	 * full-size packet with an MTU like 1420 (not a multiple of 16) is not
+	 * aligned. A wrong length fails authentication in the worker anyway. */
+	if (len < WG_SIZE_DATA_MIN)
 		return count(ctx, WGX_V_DROP_BAD_SIZE, XDP_DROP);
 	if ((void *)(msg + WG_SIZE_DATA_HEADER) > data_end)
 		return count(ctx, WGX_V_DROP_MALFORMED, XDP_DROP);

@@ -61,6 +61,7 @@ REGISTRY = Path("/run/wgx-netlab")
 DEFAULT_TIMEOUT = 20.0
 DAEMON_START_TIMEOUT = 10.0
 UNDERLAY_IF = "ul0"
+UNDERLAY_QUEUES = 2  # RX/TX queue pairs on each veth end: one per XDP worker
 
 # "Bind DIR over /run/wireguard, then exec the command": $0 is DIR, "$@" the command.
 _UAPI_SH = 'mount --bind "$0" /run/wireguard && exec "$@"'
@@ -878,16 +879,21 @@ class Lab:
                     "link",
                     "add",
                     UNDERLAY_IF,
+                    "numtxqueues", str(UNDERLAY_QUEUES), "numrxqueues", str(UNDERLAY_QUEUES),
                     "type",
                     "veth",
                     "peer",
                     "name",
                     UNDERLAY_IF,
+                    "numtxqueues", str(UNDERLAY_QUEUES), "numrxqueues", str(UNDERLAY_QUEUES),
                     "netns",
                     self.b.name,
                 ]
             )
             for label, h in self.hosts.items():
+                # veth starts with one active queue pair; the XDP tests want one per worker.
+                h.run(["ethtool", "-L", UNDERLAY_IF, "rx", str(UNDERLAY_QUEUES),
+                       "tx", str(UNDERLAY_QUEUES)])
                 h.addr_add(UNDERLAY_IF, f"{self.UNDERLAY4[label]}/{self.V4_PREFIX}")
                 h.addr_add(UNDERLAY_IF, f"{self.UNDERLAY6[label]}/{self.V6_PREFIX}")
                 h.underlay = {"v4": self.UNDERLAY4[label], "v6": self.UNDERLAY6[label]}

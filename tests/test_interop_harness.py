@@ -68,7 +68,10 @@ IMPLS: dict[str, Impl] = {
             "ENETUNREACH",
         },
     ),
-    "wgx-userspace": Impl(["wgx-userspace"]),
+    "wgx-userspace": Impl(["wgx-userspace"], {"WGX_DATAPLANE": "socket"}),
+    # The XDP/AF_XDP fast path on the lab's 2-queue veth, with 2 workers.
+    "wgx-xdp": Impl(["wgx-userspace"], {"WGX_DATAPLANE": "xdp", "WGX_XDP_IFACE": "ul0",
+                                        "WGX_WORKERS": "2", "LOG_LEVEL": "info"}),
 }
 
 # wgx against the real wireguard-go, each in both roles (the tests parametrize
@@ -77,6 +80,8 @@ IMPLS: dict[str, Impl] = {
 DEFAULT_PAIRS: list[tuple[str, str]] = [
     ("wgx-userspace", "wireguard-go"),
     ("wireguard-go", "wgx-userspace"),
+    ("wgx-xdp", "wireguard-go"),
+    ("wireguard-go", "wgx-xdp"),
 ]
 
 

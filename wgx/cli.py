@@ -127,8 +127,11 @@ def _load_config(target: str) -> config.Config:
 
 
 def _interface(target: str, netns: str | None, dataplane: str = "auto") -> Interface:
-    return Interface(_load_config(target), netns=netns, dataplane=dataplane,
-                     log=lambda m: typer.echo(f"[#] {m}", err=True))
+    try:
+        return Interface(_load_config(target), netns=netns, dataplane=dataplane,
+                         log=lambda m: typer.echo(f"[#] {m}", err=True))
+    except config.ConfigError as e:
+        raise _fail(str(e), 2) from None
 
 
 @app.command()
@@ -359,6 +362,7 @@ def _userspace(
     WGX_LOG_FILE=PATH (where a daemonized process logs; default nowhere).
     """
     from wgx.control.device import Device, DeviceOptions
+    from wgx.control.fastpath import Loader
 
     if show_version:
         typer.echo(f"wgx-userspace v{__version__}")
@@ -371,12 +375,21 @@ def _userspace(
         typer.echo(f"error: LOG_LEVEL={level!r}: use one of {', '.join(LOG_LEVELS)}", err=True)
         raise typer.Exit(2)
     foreground = foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1"
-    dataplane = os.environ.get("WGX_DATAPLANE", "auto")
     try:
-        dev = Device.open(interface, DeviceOptions(dataplane=dataplane))
+        options = DeviceOptions.from_env(dict(os.environ))
+        dev = Device.open(interface, options)
     except (OSError, ValueError) as e:
         typer.echo(f"error: cannot create interface {interface}: {e}", err=True)
         raise typer.Exit(1) from None
+    if options.xdp_iface and options.dataplane != "socket":
+        # Attach before daemonizing, so that `xdp` fails here with the reason.
+        loader = Loader(options.xdp_iface, dev.engine.listen_port, options.xdp_mode)
+        loader.run()
+        if loader.error and options.dataplane == "xdp":
+            dev.close()
+            typer.echo(f"error: {interface}: XDP dataplane unavailable: {loader.error}", err=True)
+            raise typer.Exit(1)
+        dev.adopt_loader(loader)
     if not foreground and os.fork() > 0:
         os._exit(0)
     if not foreground:

@@ -212,6 +212,17 @@ _SCALARS = {"PrivateKey", "ListenPort", "FwMark", "MTU", "Table", "SaveConfig", 
 _PEER_NO_KEY = b""  # placeholder until the section's PublicKey line
 
 
+def _shown(text: str) -> str:
+    """What an error may repeat of a malformed key: its leading word, cut short.
+
+    `PrivateKey: <base64>` has no `=` before the key material, so the whole line
+    would otherwise come back in the message; secrets must never be echoed.
+    """
+    m = re.match(r"[A-Za-z][A-Za-z0-9_]{0,23}", text)
+    word = m.group(0) if m else ""
+    return word if word == text else f"{word}…"
+
+
 def _squash(s: str) -> str:
     """Delete every whitespace character, as wg's config_read_line does."""
     return s.translate({ord(c): None for c in _WS})
@@ -281,11 +292,11 @@ class _Parser:
             self.header(n, head)
             return
         if "=" not in stripped:
-            raise self.error(n, f"expected `Key = Value', got `{head}'")
+            raise self.error(n, f"expected `Key = Value', got `{_shown(head)}'")
         key, value = (s.strip(_WS) for s in stripped.split("=", 1))
         if self.section is None:
-            raise self.error(n, f"`{key}' is outside a section; expected [Interface] or [Peer]"
-                                " before it")
+            raise self.error(n, f"`{_shown(key)}' is outside a section; expected [Interface] or"
+                                " [Peer] before it")
         if self.section == "interface" and key.lower() in _QUICK_KEYS:
             canon = _QUICK_KEYS[key.lower()]
             self.note(self.cfg.interface.lines, n, canon)
@@ -302,8 +313,8 @@ class _Parser:
         if lookup not in own:
             if elsewhere:
                 other = "[Interface]" if self.section == "peer" else "[Peer]"
-                raise self.error(n, f"`{key}' belongs in {other}, not {name}")
-            raise self.error(n, f"unknown key `{key}' in {name}")
+                raise self.error(n, f"`{_shown(key)}' belongs in {other}, not {name}")
+            raise self.error(n, f"unknown key `{_shown(key)}' in {name}")
         canon = own[lookup]
         squashed = _squash(value)
         if not squashed:

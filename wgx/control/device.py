@@ -23,6 +23,7 @@ from wgx.dataplane.udp import UdpSockets
 from wgx.protocol.engine import Engine
 from wgx.protocol.timers import Limits
 
+from .fastpath import FastPath, FastPathError, Loader, underlay_for
 from .uapi import SOCKET_DIR, UapiServer
 
 log = logging.getLogger("wgx.device")
@@ -31,11 +32,34 @@ BATCH = 128
 HOUSEKEEPING_INTERVAL = 0.5
 
 
+DATAPLANES = ("auto", "xdp", "socket")
+
+
 @dataclass
 class DeviceOptions:
-    dataplane: str = "socket"
+    """dataplane: auto (XDP on the underlay of the endpoints if possible), xdp, socket.
+
+    xdp_iface pins the underlay interface (else it is the route to the first
+    known endpoint); workers: how many (default one per RX queue, at most the
+    core count); xdp_mode: auto (native, else generic), native or generic.
+    """
+
+    dataplane: str = "auto"
     uapi_dir: str = SOCKET_DIR
     limits: Limits | None = None
+    xdp_iface: str | None = None
+    workers: int | None = None
+    xdp_mode: str = "auto"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> DeviceOptions:
+        workers = env.get("WGX_WORKERS")
+        if workers is not None and not (workers.isdigit() and int(workers) > 0):
+            raise ValueError(f"WGX_WORKERS={workers!r}: expected a positive integer")
+        return cls(dataplane=env.get("WGX_DATAPLANE", "auto"),
+                   xdp_iface=env.get("WGX_XDP_IFACE") or None,
+                   workers=int(workers) if workers else None,
+                   xdp_mode=env.get("WGX_XDP_MODE", "auto"))
 
 
 class Device:
@@ -52,6 +76,10 @@ class Device:
         self.engine.listen_port = udp.port
         self.engine.mtu = tun.mtu() or 1420
         self.stop_reason: str | None = None
+        self.fastpath: FastPath | None = None
+        self.fastpath_error: str | None = None
+        self._fastpath_tried: set[str] = set()
+        self._loader: Loader | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poll = select.poll()
         self._udp_fds: dict[int, object] = {}
@@ -63,12 +91,11 @@ class Device:
         Everything created so far is released again if a later step fails.
         """
         options = options or DeviceOptions()
-        if options.dataplane not in ("auto", "socket"):
-            raise ValueError(
-                f"dataplane {options.dataplane!r} is not available in this build "
-                "(only 'socket'; 'auto' selects it)"
-            )
-        tun = Tun.create(name)
+        if options.dataplane not in DATAPLANES:
+            raise ValueError(f"dataplane {options.dataplane!r}: use one of {', '.join(DATAPLANES)}")
+        if options.xdp_mode not in ("auto", "native", "generic"):
+            raise ValueError(f"XDP mode {options.xdp_mode!r}: use auto, native or generic")
+        tun = Tun.create(name, multi_queue=True)
         udp = uapi = None
         try:
             if tun.mtu() == 1500:  # fresh TUN: default like wireguard-go
@@ -91,13 +118,89 @@ class Device:
         self.udp.bind(port)
         self.engine.listen_port = self.udp.port
         self._register_udp()
+        if self.fastpath is not None:
+            self.fastpath.set_listen_port(self.udp.port)
 
     def set_fwmark(self, mark: int) -> None:
         self.udp.set_fwmark(mark)
         self.engine.fwmark = mark
 
     def extra_stats(self) -> dict[str, object]:
-        return {"dataplane": "socket", "mtu": self.engine.mtu, "pid": os.getpid()}
+        out: dict[str, object] = {
+            "dataplane": "xdp" if self.fastpath else "socket",
+            "dataplane_setting": self.options.dataplane,
+            "mtu": self.engine.mtu,
+            "pid": os.getpid(),
+        }
+        if self.fastpath_error:
+            out["fastpath_error"] = self.fastpath_error
+        if self.fastpath is not None:
+            out.update(self.fastpath.stats())
+        return out
+
+    # ---- fast path
+
+    def start_fastpath(self, ifname: str, wait: bool = False) -> None:
+        """Try the XDP fast path on `ifname` (compiling in the background unless `wait`)."""
+        self._fastpath_tried.add(ifname)
+        self._loader = Loader(ifname, self.engine.listen_port, self.options.xdp_mode)
+        if wait:
+            self._loader.run()
+            self._finish_fastpath()
+        else:
+            self._loader.start()
+            log.info("compiling and attaching XDP on %s in the background", ifname)
+
+    def adopt_loader(self, loader: Loader) -> None:
+        """Use an XDP program attached before the daemon forked (see wgx-userspace)."""
+        self._fastpath_tried.add(loader.ifname)
+        self._loader = loader
+
+    def _finish_fastpath(self) -> None:
+        loader, self._loader = self._loader, None
+        assert loader is not None
+        try:
+            self.fastpath = FastPath.finish(self.engine, loader, self.name,
+                                            workers=self.options.workers)
+        except (FastPathError, OSError) as e:
+            self.fastpath_error = str(e)
+            level = logging.ERROR if self.options.dataplane == "xdp" else logging.INFO
+            log.log(level, "fast path not used, socket dataplane stays: %s", e)
+            return
+        self.fastpath_error = None
+        for fd in self.fastpath.report_fds():
+            self._poll.register(fd, select.POLLIN)
+        # Flows now go to the workers' TUN queues; the daemon's queue stays for liveness.
+        self.tun.set_queue_enabled(False)
+        self._poll.unregister(self.tun.fd)
+
+    def _maybe_start_fastpath(self) -> None:
+        if self._loader is not None:
+            if self._loader.done():
+                self._finish_fastpath()
+            return
+        if self.fastpath is not None or self.options.dataplane == "socket":
+            return
+        ifname = self.options.xdp_iface
+        if ifname is None:
+            for peer in self.engine.peers.values():
+                if peer.endpoint is not None:
+                    ifname = underlay_for(peer.endpoint)
+                    break
+        if ifname is not None and ifname not in self._fastpath_tried:
+            self.start_fastpath(ifname)
+
+    def _stop_fastpath(self, reattach: bool = True) -> None:
+        fp, self.fastpath = self.fastpath, None
+        if fp is None:
+            return
+        for fd in fp.report_fds():
+            with contextlib.suppress(KeyError):
+                self._poll.unregister(fd)
+        fp.stop()
+        if reattach:
+            self.tun.set_queue_enabled(True)
+            self._poll.register(self.tun.fd, select.POLLIN)
 
     # ---- loop
 
@@ -145,6 +248,10 @@ class Device:
                     elif fd in self.uapi.clients:
                         if not self.uapi.on_readable(fd, self, self.extra_stats()):
                             poll.unregister(fd)
+                        if self.fastpath is not None:
+                            self.fastpath.sync()
+                    elif self.fastpath is not None and fd in self.fastpath.pool.reports:
+                        self._from_workers(fd, now)
                     elif fd == self._wake_r:
                         os.read(self._wake_r, 64)
                     self._flush()
@@ -155,9 +262,11 @@ class Device:
                 if now >= next_housekeeping:
                     next_housekeeping = now + HOUSEKEEPING_INTERVAL
                     self._housekeeping()
-                self._log_events()
+                self._drain_events()
         except TunGone:
             self.stop_reason = "TUN device deleted"
+        finally:
+            self._stop_fastpath(reattach=False)
         log.info("interface %s shutting down: %s", self.name, self.stop_reason)
         return self.stop_reason or "stopped"
 
@@ -181,6 +290,9 @@ class Device:
             engine.receive_datagram(got[0], got[1], now)
 
     def _flush(self) -> None:
+        # Events first: a new keypair must reach the XDP sessions map and the workers
+        # before the packet that completes the handshake leaves (its answer follows).
+        self._drain_events()
         engine = self.engine
         if engine.datagrams:
             send = self.udp.send
@@ -193,18 +305,43 @@ class Device:
                 write(packet)
             engine.tun.clear()
 
+    def _from_workers(self, fd: int, now: float) -> None:
+        fp = self.fastpath
+        assert fp is not None
+        before = set(fp.report_fds())
+        fp.on_readable(fd, now)
+        after = set(fp.report_fds())
+        for gone in before - after:
+            with contextlib.suppress(KeyError):
+                self._poll.unregister(gone)
+        if before - after:
+            # A worker died. If the TUN device is gone, that is why: stop.
+            try:
+                self.tun.set_queue_enabled(True)
+                self.tun.set_queue_enabled(False)
+            except OSError:
+                raise TunGone(self.name) from None
+        for new in after - before:
+            self._poll.register(new, select.POLLIN)
+
     def _housekeeping(self) -> None:
         if not self.uapi.still_ours():
             self.request_stop("UAPI socket removed")
+        self._maybe_start_fastpath()
+        if self.fastpath is not None:
+            self.fastpath.housekeeping(time.monotonic())
         mtu = self.tun.mtu()
         if mtu is not None:
             self.engine.mtu = mtu
         self.engine.wall_offset = time.time() - time.monotonic()
 
-    def _log_events(self) -> None:
+    def _drain_events(self) -> None:
+        """Log protocol events and mirror them into the fast path."""
         events = self.engine.events
         while events:
             kind, obj = events.popleft()
+            if self.fastpath is not None:
+                self.fastpath.on_event(kind, obj)
             if kind == "handshake_complete":
                 log.info("peer %s: handshake complete", _short(obj.public_key))  # type: ignore[attr-defined]
             elif kind == "handshake_gave_up":

@@ -344,6 +344,9 @@ class Interface:
                     nc.delete_link(self.name)
         self._wait_daemon_gone(state)
         self.state_file.unlink(missing_ok=True)
+        if self.netns:
+            with contextlib.suppress(OSError):  # only if empty: other interfaces may be up
+                self.state_file.parent.rmdir()
         if errors:
             raise InterfaceError("; ".join(errors))
 

@@ -19,6 +19,9 @@ TUNGETIFF = 0x800454D2
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
+TUNSETQUEUE = 0x400454D9
 SIOCGIFMTU = 0x8921
 SIOCSIFMTU = 0x8922
 IFNAMSIZ = 16
@@ -51,6 +54,15 @@ class Tun:
             raise
         actual = res[:IFNAMSIZ].rstrip(b"\0").decode()
         return cls(fd, actual)
+
+    def set_queue_enabled(self, enabled: bool) -> None:
+        """Attach or detach this fd's queue of a multi-queue TUN (TUNSETQUEUE).
+
+        A detached queue gets no packets (flows go to the other queues) but keeps
+        the device alive. Attaching fails once the device is gone.
+        """
+        flags = IFF_ATTACH_QUEUE if enabled else IFF_DETACH_QUEUE
+        fcntl.ioctl(self.fd, TUNSETQUEUE, struct.pack("16sH22x", b"", flags))
 
     def read(self) -> bytes | None:
         """One packet, or None if none is waiting. Raises TunGone if the device was deleted."""

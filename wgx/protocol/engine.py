@@ -97,6 +97,8 @@ class Engine:
         self.datagrams: list[tuple[bytes, Endpoint]] = []
         self.tun: list[bytes] = []
         self.events: deque[tuple[str, object]] = deque(maxlen=4096)
+        # How keypairs are made: the XDP dataplane swaps in one backed by shared memory.
+        self.keypair_factory: Callable[..., Keypair] = Keypair
         self.private_key: bytes | None = None
         self.public_key: bytes | None = None
         self._checker: CookieChecker | None = None
@@ -276,11 +278,13 @@ class Engine:
         if peer.persistent_keepalive:
             peer.timers.arm(PERSISTENT_KEEPALIVE, now + peer.persistent_keepalive)
 
-    def _authenticated_received(self, peer: Peer, src: Endpoint, nbytes: int, now: float) -> None:
+    def _authenticated_received(
+        self, peer: Peer, src: Endpoint | None, nbytes: int, now: float
+    ) -> None:
         peer.timers.disarm(NEW_HANDSHAKE)
         if peer.persistent_keepalive:
             peer.timers.arm(PERSISTENT_KEEPALIVE, now + peer.persistent_keepalive)
-        if peer.endpoint != src:
+        if src is not None and peer.endpoint != src:
             peer.endpoint = src
             self.events.append(("endpoint", peer))
         peer.rx_bytes += nbytes
@@ -312,25 +316,52 @@ class Engine:
             sent_data = sent_data or bool(packet)
         self._authenticated_sent(peer, now)
         if sent_data:
-            peer.timers.arm_if_idle(
-                NEW_HANDSHAKE,
-                now + self.limits.keepalive_timeout + self.limits.rekey_timeout + self._jitter(),
-            )
+            self._data_sent(peer, now)
         if peer.staged:  # the keypair ran out of messages mid-batch
             self._initiate(peer, now, retry=False)
             return
+        self._keep_key_fresh_send(peer, kp, now)
+
+    def _data_sent(self, peer: Peer, now: float) -> None:
+        peer.timers.arm_if_idle(
+            NEW_HANDSHAKE,
+            now + self.limits.keepalive_timeout + self.limits.rekey_timeout + self._jitter(),
+        )
+
+    def _keep_key_fresh_send(self, peer: Peer, kp: Keypair, now: float) -> None:
+        """Kernel send.c keep_key_fresh: rekey by message count, or by age as initiator."""
         if kp.send_counter > self.limits.rekey_after_messages or (
             kp.initiator and now - kp.created >= self.limits.rekey_after_time
         ):
             self._initiate(peer, now, retry=False)
+
+    def _keep_key_fresh_receive(self, peer: Peer, now: float) -> None:
+        """Kernel receive.c keep_key_fresh: a last-minute rekey before REJECT_AFTER_TIME."""
+        cur = peer.current  # the kernel looks at the current keypair
+        if (
+            not peer.sent_lastminute_handshake
+            and cur is not None
+            and cur.initiator
+            and now - cur.created
+            >= self.limits.reject_after_time
+            - self.limits.keepalive_timeout
+            - self.limits.rekey_timeout
+        ):
+            peer.sent_lastminute_handshake = True
+            self._initiate(peer, now, retry=False)
+
+    def _data_received(self, peer: Peer, now: float) -> None:
+        if peer.timers.pending(SEND_KEEPALIVE):
+            peer.need_another_keepalive = True
+        else:
+            peer.timers.arm(SEND_KEEPALIVE, now + self.limits.keepalive_timeout)
 
     def _encrypt(self, peer: Peer, kp: Keypair, packet: bytes) -> None:
         n = len(packet)
         plen = padded_len(n, self.mtu)
         if plen > n:
             packet = packet + bytes(plen - n)
-        counter = kp.send_counter
-        kp.send_counter = counter + 1
+        counter = kp.reserve(1)
         sealed = kp.sender.encrypt(nonce_for(counter), packet, None)
         self._emit(peer, _TRANSPORT_HDR.pack(MSG_TRANSPORT, kp.remote_index, counter) + sealed)
 
@@ -384,44 +415,62 @@ class Engine:
         except InvalidTag:
             self.drops["bad_tag"] += 1
             return
-        if not kp.replay.check_and_update(counter):
+        if not kp.accept(counter):
             self.drops["replay"] += 1
             return
         peer = kp.peer
         if kp is peer.next:
-            self._drop_keypair(peer.previous)
-            peer.previous = peer.current
-            peer.current = kp
-            peer.next = None
-            self._handshake_complete(peer, now)
-            if peer.staged:
-                self._send_staged(peer, now)
+            self.confirm_keypair(kp, now)
         self._authenticated_received(peer, src, len(data), now)
         if plain:
             self._deliver(peer, plain, now)
         else:
             self.stats["keepalives_received"] += 1
-        cur = peer.current  # kernel keep_key_fresh() looks at the current keypair
-        if (
-            not peer.sent_lastminute_handshake
-            and cur is not None
-            and cur.initiator
-            and now - cur.created
-            >= self.limits.reject_after_time
-            - self.limits.keepalive_timeout
-            - self.limits.rekey_timeout
-        ):
-            peer.sent_lastminute_handshake = True
-            self._initiate(peer, now, retry=False)
+        self._keep_key_fresh_receive(peer, now)
+
+    def confirm_keypair(self, kp: Keypair, now: float) -> None:
+        """The initiator used our `next` keypair: it becomes current (key confirmation)."""
+        peer = kp.peer
+        if kp is not peer.next:
+            return
+        self._drop_keypair(peer.previous)
+        peer.previous = peer.current
+        peer.current = kp
+        peer.next = None
+        self._handshake_complete(peer, now)
+        self.events.append(("current", peer))
+        if peer.staged:
+            self._send_staged(peer, now)
+
+    def note_offloaded(
+        self, peer: Peer, now: float, *, rx_bytes: int = 0, tx_bytes: int = 0,
+        rx_data: int = 0, rx_keepalives: int = 0, tx_data: int = 0,
+        source: Endpoint | None = None,
+    ) -> None:
+        """Account for transport packets a worker moved without the engine (XDP path).
+
+        Runs the same timer, roaming, counter and rekey rules as if the engine had
+        seen the packets itself, once per report instead of once per packet.
+        """
+        if rx_bytes:
+            self._authenticated_received(peer, source, rx_bytes, now)
+            if rx_data:
+                self._data_received(peer, now)
+            self.stats["keepalives_received"] += rx_keepalives
+            self._keep_key_fresh_receive(peer, now)
+        if tx_bytes:
+            peer.tx_bytes += tx_bytes
+            self._authenticated_sent(peer, now)
+            if tx_data:
+                self._data_sent(peer, now)
+            if peer.current is not None:
+                self._keep_key_fresh_send(peer, peer.current, now)
 
     def _deliver(self, peer: Peer, plain: bytes, now: float) -> None:
         """Trim padding, check the inner source against allowed IPs, queue for the TUN."""
         # Kernel wg_timers_data_received() runs for every authenticated non-keepalive
         # packet, before the inner header and source checks.
-        if peer.timers.pending(SEND_KEEPALIVE):
-            peer.need_another_keepalive = True
-        else:
-            peer.timers.arm(SEND_KEEPALIVE, now + self.limits.keepalive_timeout)
+        self._data_received(peer, now)
         version = plain[0] >> 4
         n = len(plain)
         if version == 4 and n >= 20:
@@ -494,7 +543,8 @@ class Engine:
         peer.latest_timestamp = stamp
         peer.last_initiation_consumed = now
         index = self.indices.new_index(self.random(4))
-        self._install_keypair(peer, Keypair(peer, index, msg.sender, False, now, send, recv))
+        self._install_keypair(
+            peer, self.keypair_factory(peer, index, msg.sender, False, now, send, recv))
         self._authenticated_received(peer, src, len(data), now)
         reply = Response(index, msg.sender, eph, enc_empty, _ZERO16, _ZERO16).pack()
         self._emit(peer, peer.cookies.add_macs(reply, now))
@@ -524,7 +574,7 @@ class Engine:
             return
         self.indices.remove(pending.local_index)
         peer.handshake = None
-        kp = Keypair(peer, pending.local_index, msg.sender, True, now, send, recv)
+        kp = self.keypair_factory(peer, pending.local_index, msg.sender, True, now, send, recv)
         self._install_keypair(peer, kp)
         self._authenticated_received(peer, src, len(data), now)
         self._handshake_complete(peer, now)

@@ -52,6 +52,16 @@ class Keypair:
         self.send_counter = 0
         self.replay = ReplayWindow()
 
+    def reserve(self, n: int = 1) -> int:
+        """Claim the next `n` send counters; returns the first."""
+        first = self.send_counter
+        self.send_counter = first + n
+        return first
+
+    def accept(self, counter: int) -> bool:
+        """Check an authenticated counter against the replay window and mark it."""
+        return self.replay.check_and_update(counter)
+
 
 @dataclass(slots=True)
 class PendingHandshake:

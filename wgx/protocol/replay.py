@@ -19,11 +19,14 @@ always rejected. Before any acceptance every counter below the limit is fresh.
 
 from __future__ import annotations
 
+from collections.abc import MutableSequence
+
 __all__ = [
     "BITS_TOTAL",
     "BLOCK_BITS",
     "REJECT_AFTER_MESSAGES",
     "RING_BLOCKS",
+    "STORAGE_LEN",
     "WINDOW_SIZE",
     "ReplayWindow",
 ]
@@ -34,30 +37,41 @@ BITS_TOTAL = 8192  # COUNTER_BITS_TOTAL
 RING_BLOCKS = BITS_TOTAL // BLOCK_BITS  # 128
 WINDOW_SIZE = BITS_TOTAL - BLOCK_BITS  # COUNTER_WINDOW_SIZE = 8128
 REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1
+STORAGE_LEN = 1 + RING_BLOCKS
 
 _BLOCK_MASK = RING_BLOCKS - 1
 _BIT_MASK = BLOCK_BITS - 1
 
 
 class ReplayWindow:
-    """Sliding anti-replay window for one receiving keypair."""
+    """Sliding anti-replay window for one receiving keypair.
 
-    __slots__ = ("_last", "_ring")
+    The state lives in `storage`, RING_BLOCKS + 1 integers: [0] is the kernel's
+    `counter->counter` (greatest accepted counter + 1, 0 = none), [1:] the ring.
+    By default that is a private list; the XDP workers pass a `memoryview` cast
+    to 'Q' over shared memory, so that all processes see one window (callers
+    then serialize `check_and_update` with a lock).
+    """
 
-    def __init__(self) -> None:
-        # _last is the kernel's `counter->counter`: greatest accepted counter + 1, 0 = none.
-        self._last: int = 0
-        self._ring: list[int] = [0] * RING_BLOCKS
+    __slots__ = ("_s",)
+
+    def __init__(self, storage: MutableSequence[int] | None = None) -> None:
+        if storage is None:
+            storage = [0] * STORAGE_LEN
+        elif len(storage) != STORAGE_LEN:
+            raise ValueError(f"replay storage needs {STORAGE_LEN} slots")
+        self._s = storage
 
     def reset(self) -> None:
         """Forget everything (new keypair)."""
-        self._last = 0
-        self._ring = [0] * RING_BLOCKS
+        s = self._s
+        for i in range(STORAGE_LEN):
+            s[i] = 0
 
     @property
     def greatest(self) -> int:
         """Highest counter accepted so far (0 if none)."""
-        last = self._last
+        last = self._s[0]
         return last - 1 if last else 0
 
     def would_accept(self, counter: int) -> bool:
@@ -65,39 +79,38 @@ class ReplayWindow:
         if counter >= REJECT_AFTER_MESSAGES or counter < 0:
             return False
         pos = counter + 1
-        last = self._last
+        s = self._s
+        last = s[0]
         if pos > last:
             # Ahead of the window: bits above `last` are never set in the current block,
             # and any later block is cleared before use.
             return True
         if pos + WINDOW_SIZE < last:
             return False
-        return not (self._ring[(pos >> BLOCK_BIT_LOG) & _BLOCK_MASK] >> (pos & _BIT_MASK)) & 1
+        return not (s[1 + ((pos >> BLOCK_BIT_LOG) & _BLOCK_MASK)] >> (pos & _BIT_MASK)) & 1
 
     def check_and_update(self, counter: int) -> bool:
         """Return True if `counter` is fresh (and mark it seen), else False."""
         if counter >= REJECT_AFTER_MESSAGES or counter < 0:
             return False
         pos = counter + 1
-        last = self._last
-        ring = self._ring
+        s = self._s
+        last = s[0]
         if pos > last:
             index = pos >> BLOCK_BIT_LOG
             current = last >> BLOCK_BIT_LOG
             top = index - current
             if top:
-                if top >= RING_BLOCKS:
-                    self._ring = ring = [0] * RING_BLOCKS
-                else:
-                    for i in range(current + 1, index + 1):
-                        ring[i & _BLOCK_MASK] = 0
-            self._last = pos
+                first = index - RING_BLOCKS + 1 if top >= RING_BLOCKS else current + 1
+                for i in range(first, index + 1):
+                    s[1 + (i & _BLOCK_MASK)] = 0
+            s[0] = pos
         elif pos + WINDOW_SIZE < last:
             return False
-        slot = (pos >> BLOCK_BIT_LOG) & _BLOCK_MASK
+        slot = 1 + ((pos >> BLOCK_BIT_LOG) & _BLOCK_MASK)
         bit = 1 << (pos & _BIT_MASK)
-        block = ring[slot]
+        block = s[slot]
         if block & bit:
             return False
-        ring[slot] = block | bit
+        s[slot] = block | bit
         return True

@@ -1,0 +1,294 @@
+"""The XDP/AF_XDP fast path of one interface, as the daemon drives it.
+
+`FastPath.start()` attaches bpf/wgx_xdp.c to the underlay interface, makes
+the engine's keypairs shared-memory ones, and forks one worker per RX queue.
+From then on the daemon keeps handshakes, timers and the UAPI; `on_event`
+mirrors the engine's keypair and peer changes into the workers and the XDP
+`sessions` map, and `on_report` feeds the workers' batched reports (traffic,
+roaming, key confirmation, packets that need a handshake) back into the
+engine. `stop()` stops the workers and detaches the program.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import socket
+import threading
+import time
+from functools import partial
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from wgx.dataplane.pool import WorkerPool
+from wgx.dataplane.sessions import SessionSlots, SharedKeypair
+from wgx.dataplane.worker import WorkerSpec
+from wgx.dataplane.xdp import XdpError, XdpProgram
+from wgx.protocol.engine import Engine
+from wgx.protocol.peer import Keypair, Peer
+from wgx.protocol.replay import WINDOW_SIZE
+
+log = logging.getLogger("wgx.fastpath")
+
+READY_TIMEOUT = 10.0
+
+
+class FastPathError(RuntimeError):
+    pass
+
+
+def underlay_for(endpoint: tuple[str, int]) -> str | None:
+    """Name of the interface the kernel routes `endpoint` through, if any."""
+    with IPRoute() as ipr:
+        try:
+            route = ipr.route("get", dst=endpoint[0])[0]
+        except Exception:
+            return None
+        oif = route.get_attr("RTA_OIF")
+        return socket.if_indextoname(oif) if oif else None
+
+
+def rx_queues(ifname: str) -> int:
+    """Active RX queues of `ifname` (the sysfs queue directories track the real count)."""
+    return max(1, len(glob.glob(f"/sys/class/net/{ifname}/queues/rx-*")))
+
+
+class Loader:
+    """Compiles and attaches the XDP program; `start()` does it in a thread.
+
+    Compiling takes seconds (clang, in a helper process); in a thread the daemon
+    keeps serving packets on the socket path meanwhile. Workers are forked only
+    after the thread has ended.
+    """
+
+    def __init__(self, ifname: str, listen_port: int, xdp_mode: str) -> None:
+        self.ifname = ifname
+        self.listen_port = listen_port
+        self.xdp_mode = xdp_mode
+        self.prog: XdpProgram | None = None
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="wgx-xdp-load", daemon=True)
+        self._thread.start()
+
+    def done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    def run(self) -> None:
+        if self.ifname == "lo":
+            self.error = "lo supports neither native XDP nor AF_XDP"
+            return
+        prog = XdpProgram()
+        try:
+            prog.cleanup_stale(self.ifname)
+            prog.load(self.ifname, self.listen_port, self.xdp_mode)
+        except (XdpError, OSError) as e:
+            prog.close()
+            self.error = f"cannot attach XDP to {self.ifname}: {e}"
+            return
+        self.prog = prog
+
+    def result(self) -> XdpProgram:
+        if self._thread is not None:
+            self._thread.join()
+        if self.prog is None:
+            raise FastPathError(self.error or "XDP program not loaded")
+        return self.prog
+
+
+class FastPath:
+    def __init__(self, engine: Engine, ifname: str, prog: XdpProgram, pool: WorkerPool,
+                 slots: SessionSlots) -> None:
+        self.engine = engine
+        self.ifname = ifname
+        self.prog = prog
+        self.pool = pool
+        self.slots = slots
+        self._ids: dict[Peer, int] = {}
+        self._next_id = 1
+        self._last_floor = 0.0
+
+    @classmethod
+    def start(cls, engine: Engine, ifname: str, tun_name: str, *, workers: int | None = None,
+              xdp_mode: str = "auto") -> FastPath:
+        """Attach XDP on `ifname` and start the workers; raises FastPathError with the reason."""
+        loader = Loader(ifname, engine.listen_port, xdp_mode)
+        loader.run()
+        return cls.finish(engine, loader, tun_name, workers=workers)
+
+    @classmethod
+    def finish(cls, engine: Engine, loader: Loader, tun_name: str, *,
+               workers: int | None = None) -> FastPath:
+        """Second step, in the daemon's thread: shared slots and worker processes."""
+        prog, ifname = loader.result(), loader.ifname
+        queues = rx_queues(ifname)
+        n = min(workers or queues, queues, os.cpu_count() or 1)
+        slots = SessionSlots()
+        engine.keypair_factory = partial(SharedKeypair, slots)
+        specs = [
+            WorkerSpec(i, ifname, i, tun_name, engine.listen_port, engine.mtu,
+                       engine.limits.reject_after_time, engine.limits.reject_after_messages)
+            for i in range(n)
+        ]
+        pool = WorkerPool(specs, slots, prog.set_xsk)
+        fp = cls(engine, ifname, prog, pool, slots)
+        fp._share_existing_keypairs()
+        pool.start()
+        fp.sync()
+        deadline = time.monotonic() + READY_TIMEOUT
+        while len(pool.ready) < n and not pool.failures and time.monotonic() < deadline:
+            for fd in pool.report_fds():
+                pool.read(fd)
+            time.sleep(0.01)
+        if len(pool.ready) < n:
+            why = "; ".join(pool.failures.values()) or "workers did not start in time"
+            fp.stop()
+            raise FastPathError(f"AF_XDP workers on {ifname}: {why}")
+        log.info("fast path on %s: XDP %s, %d worker(s)", ifname, prog.attach_mode, n)
+        return fp
+
+    # ------------------------------------------------------------------ state
+
+    def peer_id(self, peer: Peer) -> int:
+        pid = self._ids.get(peer)
+        if pid is None:
+            pid = self._ids[peer] = self._next_id
+            self._next_id += 1
+        return pid
+
+    def _share_existing_keypairs(self) -> None:
+        """Move keypairs made before the fast path started into shared slots."""
+        for peer in self.engine.peers.values():
+            for attr in ("current", "previous", "next"):
+                old: Keypair | None = getattr(peer, attr)
+                if old is None or isinstance(old, SharedKeypair):
+                    continue
+                new = SharedKeypair(self.slots, peer, old.local_index, old.remote_index,
+                                    old.initiator, old.created, old.send_key, old.recv_key)
+                new.send_counter = old.send_counter
+                for i, v in enumerate(old.replay._s):
+                    new.replay._s[i] = v
+                setattr(peer, attr, new)
+                self.engine.indices.add_keypair(new)
+
+    def _add_keypair(self, kp: Keypair) -> None:
+        if not isinstance(kp, SharedKeypair):
+            return
+        peer = kp.peer
+        confirmed = kp is not peer.next
+        self.pool.add_keypair(("keypair", kp.local_index, kp.slot, self.peer_id(peer),
+                               kp.recv_key, kp.send_key, kp.remote_index, kp.created,
+                               kp.initiator, confirmed))
+        try:
+            self.prog.add_session(kp.local_index, 0, self.peer_id(peer))
+        except XdpError as e:
+            log.warning("sessions map: %s", e)
+
+    def _remove_keypair(self, kp: Keypair) -> None:
+        self.pool.remove_keypair(kp.local_index)
+        with contextlib.suppress(XdpError):
+            self.prog.remove_session(kp.local_index)
+
+    def sync(self) -> None:
+        """Mirror peers, endpoints, allowed IPs and current keypairs into the workers."""
+        engine = self.engine
+        live = set(engine.peers.values())
+        for peer in [p for p in self._ids if p not in live]:
+            self.pool.remove_peer(self._ids.pop(peer))
+        allowed: list[tuple[str, int]] = []
+        for peer in live:
+            pid = self.peer_id(peer)
+            self.pool.set_peer(pid, peer.endpoint)
+            allowed += [(str(net), pid) for net in engine.allowed.entries(peer)]
+            for kp in peer.keypairs():
+                if kp.local_index not in self.pool.keypairs:
+                    self._add_keypair(kp)
+            self.pool.set_current(pid, peer.current.local_index if peer.current else None)
+        self.pool.set_allowed(sorted(allowed))
+
+    def on_event(self, kind: str, obj: Any) -> None:
+        if kind == "keypair_new":
+            self._add_keypair(obj)
+            self.pool.set_current(self.peer_id(obj.peer),
+                                  obj.peer.current.local_index if obj.peer.current else None)
+        elif kind == "keypair_gone":
+            self._remove_keypair(obj)
+        elif kind in ("current", "endpoint"):
+            peer: Peer = obj
+            self.pool.set_peer(self.peer_id(peer), peer.endpoint)
+            self.pool.set_current(self.peer_id(peer),
+                                  peer.current.local_index if peer.current else None)
+
+    # ---------------------------------------------------------------- reports
+
+    def report_fds(self) -> list[int]:
+        return self.pool.report_fds()
+
+    def on_readable(self, fd: int, now: float) -> None:
+        engine = self.engine
+        by_id = {pid: peer for peer, pid in self._ids.items()}
+        for msg in self.pool.read(fd):
+            kind = msg[0]
+            if kind == "report":
+                _, _, peers, confirm, stage, _ = msg
+                for index in confirm:
+                    kp = engine.indices.keypair(index)
+                    if kp is not None:
+                        engine.confirm_keypair(kp, now)
+                for pid, (rx, tx, rx_data, rx_ka, tx_data, src) in peers.items():
+                    peer = by_id.get(pid)
+                    if peer is not None:
+                        engine.note_offloaded(peer, now, rx_bytes=rx, tx_bytes=tx,
+                                              rx_data=rx_data, rx_keepalives=rx_ka,
+                                              tx_data=tx_data, source=src)
+                for packet in stage:
+                    engine.send_packet(packet, now)
+            elif kind == "died":
+                self.pool.respawn(msg[1])
+
+    def set_listen_port(self, port: int) -> None:
+        """Follow a listen-port change: XDP classifies and workers stamp the new port."""
+        try:
+            self.prog.set_listen_port(port)
+        except XdpError as e:
+            log.warning("XDP listen port: %s", e)
+        self.pool.set_listen_port(port)
+
+    def housekeeping(self, now: float) -> None:
+        """Raise the XDP counter floors of live sessions (drop far-behind replays early)."""
+        if now - self._last_floor < 1.0:
+            return
+        self._last_floor = now
+        for peer in self.engine.peers.values():
+            for kp in peer.keypairs():
+                greatest = kp.replay.greatest
+                if greatest > WINDOW_SIZE:
+                    with contextlib.suppress(XdpError):
+                        self.prog.set_session_floor(kp.local_index, greatest - WINDOW_SIZE)
+
+    def stats(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "xdp_iface": self.ifname,
+            "xdp_attach_mode": self.prog.attach_mode,
+            "workers": len(self.pool.specs),
+            "worker_restarts": self.pool.restarts,
+            "worker_pids": ",".join(map(str, self.pool.pids())),
+        }
+        for name, value in self.prog.verdicts().items():
+            out[f"xdp.{name}"] = value
+        for i, st in enumerate(self.pool.stats):
+            for k, v in st.items():
+                out[f"worker{i}.{k}"] = v
+        return out
+
+    def stop(self) -> None:
+        self.pool.stop()
+        try:
+            self.prog.detach()
+        finally:
+            self.prog.close()

@@ -1,0 +1,102 @@
+"""Link-layer headers for packets we put on the wire ourselves (AF_XDP TX).
+
+`NextHops.header(endpoint)` returns the Ethernet + IPv4 + UDP header template
+for sending to `endpoint` out of the XDP interface, built from the kernel's
+route and neighbour tables through pyroute2 and cached for a few seconds.
+It returns None when the path does not leave through that interface, the
+neighbour is not resolved yet, or the endpoint is IPv6 (TX over AF_XDP is
+IPv4 only for now); the caller then sends through the kernel, which resolves
+neighbours, fragments and checksums.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+import time
+
+from pyroute2 import IPRoute
+
+CACHE_SECONDS = 5.0
+NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT
+ETH_IPV4 = b"\x08\x00"
+HEADER_LEN = 14 + 20 + 8
+
+
+class Template:
+    """A prebuilt Ethernet/IPv4/UDP header; `fill` patches lengths and the IP checksum."""
+
+    __slots__ = ("bytes", "partial")
+
+    def __init__(self, src_mac: bytes, dst_mac: bytes, src_ip: bytes, dst_ip: bytes,
+                 sport: int, dport: int) -> None:
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0x4000, 64, 17, 0, src_ip, dst_ip)
+        udp = struct.pack("!HHHH", sport, dport, 0, 0)
+        self.bytes = dst_mac + src_mac + ETH_IPV4 + ip + udp
+        words = struct.unpack("!10H", ip)
+        self.partial = sum(words)  # IP header sum without total length
+
+    def fill(self, frame: memoryview, payload_len: int) -> None:
+        """Write the header into `frame` for a UDP payload of `payload_len` bytes."""
+        frame[:HEADER_LEN] = self.bytes
+        total = 28 + payload_len
+        s = self.partial + total
+        s = (s & 0xFFFF) + (s >> 16)
+        s = (s & 0xFFFF) + (s >> 16)
+        struct.pack_into("!H", frame, 16, total)
+        struct.pack_into("!H", frame, 24, ~s & 0xFFFF)
+        struct.pack_into("!H", frame, 38, payload_len + 8)
+
+
+class NextHops:
+    def __init__(self, ifname: str, listen_port: int) -> None:
+        self.ifname = ifname
+        self.ifindex = socket.if_nametoindex(ifname)
+        self.listen_port = listen_port
+        self._ipr = IPRoute()
+        self._cache: dict[tuple[str, int], tuple[float, Template | None]] = {}
+        self._mac = self._link_mac()
+
+    def _link_mac(self) -> bytes:
+        msg = self._ipr.link("get", index=self.ifindex)[0]
+        return bytes.fromhex(msg.get_attr("IFLA_ADDRESS").replace(":", ""))
+
+    def header(self, endpoint: tuple[str, int], now: float | None = None) -> Template | None:
+        now = time.monotonic() if now is None else now
+        hit = self._cache.get(endpoint)
+        if hit is not None and now - hit[0] < CACHE_SECONDS:
+            return hit[1]
+        tpl = self._resolve(endpoint)
+        self._cache[endpoint] = (now, tpl)
+        return tpl
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+    def _resolve(self, endpoint: tuple[str, int]) -> Template | None:
+        host, port = endpoint
+        addr = ipaddress.ip_address(host)
+        if addr.version != 4:
+            return None
+        try:
+            route = self._ipr.route("get", dst=host)[0]
+        except Exception:
+            return None
+        if route.get_attr("RTA_OIF") != self.ifindex:
+            return None
+        src = route.get_attr("RTA_PREFSRC")
+        hop = route.get_attr("RTA_GATEWAY") or host
+        if src is None:
+            return None
+        for neigh in self._ipr.get_neighbours(ifindex=self.ifindex, family=socket.AF_INET):
+            if neigh.get_attr("NDA_DST") == hop and neigh["state"] & NUD_USABLE:
+                lladdr = neigh.get_attr("NDA_LLADDR")
+                if lladdr:
+                    dst_mac = bytes.fromhex(lladdr.replace(":", ""))
+                    return Template(self._mac, dst_mac, addr.__class__(src).packed,
+                                    addr.packed, self.listen_port, port)
+        return None
+
+    def close(self) -> None:
+        self._ipr.close()

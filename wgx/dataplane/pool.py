@@ -1,0 +1,166 @@
+"""Starts and stops the worker processes, hands them keys, collects their reports.
+
+The pool keeps the latest state it sent (keypairs, peers, allowed IPs, which
+keypair each peer sends with), so a worker that dies is restarted and brought
+up to date without the daemon's help. Workers are forked from the daemon, so
+they inherit the shared session slots, the XDP map descriptors and nothing
+else of interest; all later state goes over one pipe per worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .sessions import SessionSlots
+from .worker import WorkerSpec, worker_main
+
+log = logging.getLogger("wgx.pool")
+_ctx = multiprocessing.get_context("fork")
+
+
+class WorkerPool:
+    def __init__(self, specs: list[WorkerSpec], slots: SessionSlots,
+                 set_xsk: Callable[[int, int], None]) -> None:
+        self.specs = specs
+        self.slots = slots
+        self.set_xsk = set_xsk
+        self.procs: list[Any] = [None] * len(specs)
+        self.cmds: list[Connection | None] = [None] * len(specs)
+        self.reports: dict[int, tuple[int, Connection]] = {}  # fd -> (worker, conn)
+        self.keypairs: dict[int, tuple] = {}
+        self.peers: dict[int, tuple] = {}
+        self.current: dict[int, tuple] = {}
+        self.allowed: tuple = ("allowed", [])
+        self.restarts = 0
+        self.stats: list[dict[str, int]] = [{} for _ in specs]
+        self.ready: set[int] = set()
+        self.failures: dict[int, str] = {}
+
+    def start(self) -> None:
+        for i in range(len(self.specs)):
+            self._spawn(i)
+
+    def _spawn(self, i: int) -> None:
+        cmd_r, cmd_w = _ctx.Pipe(duplex=False)
+        rep_r, rep_w = _ctx.Pipe(duplex=False)
+        proc = _ctx.Process(target=worker_main, name=f"wgx-worker-{i}", daemon=True,
+                            args=(self.specs[i], self.slots, cmd_r, rep_w, self.set_xsk))
+        proc.start()
+        cmd_r.close()
+        rep_w.close()
+        self.procs[i] = proc
+        self.cmds[i] = cmd_w
+        self.reports[rep_r.fileno()] = (i, rep_r)
+        for msg in self._snapshot():
+            cmd_w.send(msg)
+
+    def _snapshot(self) -> list[tuple]:
+        return [*self.keypairs.values(), *self.peers.values(), self.allowed,
+                *self.current.values()]
+
+    # -- state updates (remembered for restarts, then broadcast)
+    def add_keypair(self, msg: tuple) -> None:
+        self.keypairs[msg[1]] = msg
+        self._broadcast(msg)
+
+    def remove_keypair(self, local_index: int) -> None:
+        self.keypairs.pop(local_index, None)
+        self._broadcast(("keypair_gone", local_index))
+
+    def set_current(self, peer_id: int, local_index: int | None) -> None:
+        msg = ("current", peer_id, local_index)
+        if self.current.get(peer_id) != msg:
+            self.current[peer_id] = msg
+            self._broadcast(msg)
+
+    def set_peer(self, peer_id: int, endpoint: tuple[str, int] | None) -> None:
+        msg = ("peer", peer_id, endpoint)
+        if self.peers.get(peer_id) != msg:
+            self.peers[peer_id] = msg
+            self._broadcast(msg)
+
+    def remove_peer(self, peer_id: int) -> None:
+        self.peers.pop(peer_id, None)
+        self.current.pop(peer_id, None)
+        self._broadcast(("peer_gone", peer_id))
+
+    def set_allowed(self, entries: list[tuple[str, int]]) -> None:
+        msg = ("allowed", entries)
+        if msg != self.allowed:
+            self.allowed = msg
+            self._broadcast(msg)
+
+    def set_listen_port(self, port: int) -> None:
+        for spec in self.specs:
+            spec.listen_port = port
+        self._broadcast(("listen_port", port))
+
+    def _broadcast(self, msg: tuple) -> None:
+        for conn in self.cmds:
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.send(msg)
+
+    # -- reports
+    def report_fds(self) -> list[int]:
+        return list(self.reports)
+
+    def read(self, fd: int) -> list[tuple]:
+        """Messages waiting on a report pipe; a closed pipe means the worker died."""
+        i, conn = self.reports[fd]
+        out: list[tuple] = []
+        try:
+            while conn.poll():
+                msg = conn.recv()
+                if msg[0] == "report":
+                    self.stats[i] = msg[5]
+                elif msg[0] == "ready":
+                    self.ready.add(i)
+                elif msg[0] == "failed":
+                    self.failures[i] = msg[2]
+                out.append(msg)
+        except (EOFError, OSError):
+            del self.reports[fd]
+            conn.close()
+            out.append(("died", i))
+        return out
+
+    def respawn(self, i: int) -> None:
+        """Replace a dead worker (its XSK slot in the map is taken over by the new one)."""
+        proc = self.procs[i]
+        if proc is not None:
+            proc.join(timeout=1)
+        old = self.cmds[i]
+        if old is not None:
+            old.close()
+        self.ready.discard(i)
+        self.restarts += 1
+        log.warning("worker %d died (exit %s); restarting", i,
+                    None if proc is None else proc.exitcode)
+        self._spawn(i)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p is not None and p.pid]
+
+    def stop(self) -> None:
+        self._broadcast(("stop",))
+        for proc in self.procs:
+            if proc is not None:
+                proc.join(timeout=2)
+                if proc.is_alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGKILL)
+                    proc.join(timeout=1)
+        for _, conn in self.reports.values():
+            conn.close()
+        for conn in self.cmds:
+            if conn is not None:
+                conn.close()
+        self.reports.clear()

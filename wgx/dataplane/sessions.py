@@ -1,0 +1,100 @@
+"""Keypair state shared by the daemon and its workers: send counters and replay windows.
+
+One anonymous shared mapping (created before the workers fork) holds a slot
+per keypair: the next send counter and the RFC 6479 replay window
+(wgx.protocol.replay's storage layout). Two processes never use a nonce twice
+because counters are handed out in ranges under the slot's lock
+(`reserve`), one lock round trip per batch; replay protection holds however
+packets are spread over workers because every worker checks and marks the
+same window under that lock (`accept`), again once per batch.
+
+Slots are handed out round-robin by the daemon, so a slot is reused only
+after `SLOTS` newer keypairs: long after every worker dropped the old one.
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+from collections.abc import Iterable
+
+from wgx.protocol.peer import Keypair
+from wgx.protocol.replay import STORAGE_LEN, ReplayWindow
+
+SLOTS = 1024
+LOCKS = 64
+_WORDS = 1 + STORAGE_LEN  # [0] next send counter, [1:] replay window storage
+
+
+class SessionSlots:
+    def __init__(self, slots: int = SLOTS) -> None:
+        self.slots = slots
+        self._mm = mmap.mmap(-1, slots * _WORDS * 8)  # MAP_SHARED: survives fork
+        self._q = memoryview(self._mm).cast("Q")
+        ctx = multiprocessing.get_context("fork")
+        self._locks = [ctx.Lock() for _ in range(LOCKS)]
+        self._next = 0
+
+    def allocate(self) -> int:
+        """A fresh slot (daemon only), zeroed."""
+        slot = self._next
+        self._next = (slot + 1) % self.slots
+        base = slot * _WORDS
+        with self.lock(slot):
+            for i in range(_WORDS):
+                self._q[base + i] = 0
+        return slot
+
+    def lock(self, slot: int) -> multiprocessing.synchronize.Lock:  # type: ignore[name-defined]
+        return self._locks[slot % LOCKS]
+
+    def window(self, slot: int) -> ReplayWindow:
+        """The shared replay window of `slot`; mutate it only under `lock(slot)`."""
+        base = slot * _WORDS + 1
+        return ReplayWindow(self._q[base : base + STORAGE_LEN])
+
+    def send_counter(self, slot: int) -> int:
+        return self._q[slot * _WORDS]
+
+    def set_send_counter(self, slot: int, value: int) -> None:
+        with self.lock(slot):
+            self._q[slot * _WORDS] = value
+
+    def reserve(self, slot: int, n: int) -> int:
+        """Claim counters [first, first + n) for sending; returns first."""
+        i = slot * _WORDS
+        with self._locks[slot % LOCKS]:
+            first = self._q[i]
+            self._q[i] = first + n
+        return first
+
+    def accept(self, slot: int, window: ReplayWindow, counters: Iterable[int]) -> list[bool]:
+        """Check-and-mark a batch of authenticated counters in one lock round trip."""
+        with self._locks[slot % LOCKS]:
+            return [window.check_and_update(c) for c in counters]
+
+
+class SharedKeypair(Keypair):
+    """A Keypair whose send counter and replay window live in a `SessionSlots` slot."""
+
+    __slots__ = ("_slots", "slot")
+
+    def __init__(self, slots: SessionSlots, *args: object) -> None:
+        self._slots = slots
+        self.slot = slots.allocate()
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.replay = slots.window(self.slot)
+
+    @property  # type: ignore[override]
+    def send_counter(self) -> int:
+        return self._slots.send_counter(self.slot)
+
+    @send_counter.setter
+    def send_counter(self, value: int) -> None:
+        self._slots.set_send_counter(self.slot, value)
+
+    def reserve(self, n: int = 1) -> int:
+        return self._slots.reserve(self.slot, n)
+
+    def accept(self, counter: int) -> bool:
+        return self._slots.accept(self.slot, self.replay, (counter,))[0]

@@ -1,0 +1,458 @@
+"""The crypto worker: one process per underlay RX queue, moving packets in batches.
+
+A worker owns one AF_XDP socket (on its queue of the XDP interface) and one
+queue of the multi-queue TUN device.
+
+RX: a batch of up to 256 frames from the RX ring; Ethernet/VLAN/IP/UDP/
+WireGuard headers of the whole batch are parsed with numpy; per packet only
+the keypair lookup and `decrypt_into` (in place, straight from the UMEM
+frame) run in Python; the batch's counters are checked and marked in the
+shared replay window in one lock round trip per keypair; the allowed-IPs
+source check follows; packets are written to the TUN queue and the frames go
+back to the fill ring in one step.
+
+TX: a batch read from the TUN queue; the peer per packet by allowed IPs; one
+counter range per peer and batch from the shared slot; the packet is padded
+and `encrypt_into` seals it in place in a UMEM frame behind a cached
+Ethernet/IPv4/UDP header; the batch goes onto the TX ring with one kick and
+completions are reaped. Packets the AF_XDP path cannot send (IPv6 endpoint,
+unresolved neighbour, larger than the link MTU) go through a raw UDP socket,
+so the kernel resolves, fragments and checksums them.
+
+Keys and peers come from the daemon over a pipe; the worker reports traffic,
+roaming sources and key confirmations back in batches (about every 50 ms),
+and hands the daemon the packets it cannot send for lack of a session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from wgx.protocol.allowedips import AllowedIPs
+from wgx.protocol.messages import padded_len
+
+from .nexthop import HEADER_LEN, NextHops
+from .sessions import SessionSlots
+from .tun import Tun, TunGone
+from .xsk import Umem, XskSocket
+
+log = logging.getLogger("wgx.worker")
+
+RX_BATCH = 256
+TX_BATCH = 64
+REPORT_INTERVAL = 0.05
+FRAME_SIZE = 2048
+FRAME_COUNT = 4096
+_NONCE0 = b"\x00\x00\x00\x00"
+_WG_HDR = struct.Struct("<IIQ")
+IPV6_CHECKSUM = 7
+
+
+@dataclass(slots=True)
+class WKeypair:
+    local_index: int
+    slot: int
+    peer_id: int
+    receiver: Any
+    sender: Any
+    remote_index: int
+    created: float
+    initiator: bool
+    confirmed: bool
+    window: Any = None
+
+
+@dataclass(slots=True)
+class WPeer:
+    peer_id: int
+    endpoint: tuple[str, int] | None = None
+    current: WKeypair | None = None
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    rx_data: int = 0
+    rx_keepalive: int = 0
+    tx_data: int = 0
+    rx_source: tuple[str, int] | None = None
+    max_counter: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class WorkerSpec:
+    index: int
+    ifname: str
+    queue: int
+    tun_name: str
+    listen_port: int
+    mtu: int
+    reject_after_time: float
+    reject_after_messages: int
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, slots: SessionSlots, cmd: Connection,
+                 report: Connection, set_xsk: Any) -> None:
+        self.spec = spec
+        self.slots = slots
+        self.cmd = cmd
+        self.report = report
+        self.running = True
+        self.keypairs: dict[int, WKeypair] = {}
+        self.peers: dict[int, WPeer] = {}
+        self.allowed: AllowedIPs[int] = AllowedIPs()
+        self.stats: dict[str, int] = dict.fromkeys((
+            "rx_packets", "rx_batches", "tx_packets", "tx_batches", "tx_raw", "tx_kicks",
+            "drop_unknown_index", "drop_bad_tag", "drop_replay", "drop_expired",
+            "drop_allowedips_source", "drop_bad_inner", "drop_no_peer", "drop_malformed",
+            "staged"), 0)
+        self.umem = Umem(FRAME_COUNT, FRAME_SIZE)
+        self.xsk = XskSocket(spec.ifname, spec.queue, self.umem)
+        self.xsk.refill()
+        set_xsk(spec.queue, self.xsk.fileno())
+        self.tun = Tun.create(spec.tun_name, multi_queue=True)
+        self.nexthops = NextHops(spec.ifname, spec.listen_port)
+        self.raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+        self.raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP)
+        self.raw6.setsockopt(socket.IPPROTO_IPV6, IPV6_CHECKSUM, 6)
+        self.link_mtu = _link_mtu(spec.ifname)
+        self._stage: list[bytes] = []
+        self._confirm: list[int] = []
+
+    # ---------------------------------------------------------------- commands
+
+    def apply(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "keypair":
+            _, local, slot, peer_id, recv_key, send_key, remote, created, initiator, confirmed = msg
+            self.keypairs[local] = WKeypair(
+                local, slot, peer_id, ChaCha20Poly1305(recv_key), ChaCha20Poly1305(send_key),
+                remote, created, initiator, confirmed, self.slots.window(slot))
+        elif kind == "keypair_gone":
+            kp = self.keypairs.pop(msg[1], None)
+            if kp is not None:
+                peer = self.peers.get(kp.peer_id)
+                if peer is not None and peer.current is kp:
+                    peer.current = None
+        elif kind == "current":
+            peer = self.peers.setdefault(msg[1], WPeer(msg[1]))
+            peer.current = self.keypairs.get(msg[2]) if msg[2] is not None else None
+        elif kind == "peer":
+            peer = self.peers.setdefault(msg[1], WPeer(msg[1]))
+            peer.endpoint = msg[2]
+        elif kind == "peer_gone":
+            self.peers.pop(msg[1], None)
+        elif kind == "allowed":
+            table: AllowedIPs[int] = AllowedIPs()
+            for net, peer_id in msg[1]:
+                table.insert(net, peer_id)
+            self.allowed = table
+        elif kind == "mtu":
+            self.spec.mtu = msg[1]
+        elif kind == "listen_port":
+            self.spec.listen_port = self.nexthops.listen_port = msg[1]
+            self.nexthops.invalidate()
+        elif kind == "stop":
+            self.running = False
+
+    # --------------------------------------------------------------------- RX
+
+    def rx(self) -> None:
+        addrs, lens = self.xsk.rx_peek(RX_BATCH)
+        n = len(addrs)
+        if not n:
+            return
+        self.stats["rx_batches"] += 1
+        self.stats["rx_packets"] += n
+        buf = self.umem.buf
+        a = addrs.astype(np.int64)
+        ln = lens.astype(np.int64)
+        # Per-batch header parse: VLAN tag, IPv4 IHL or IPv6, UDP, WireGuard header.
+        et = (buf[a + 12].astype(np.int64) << 8) | buf[a + 13]
+        vlan = (et == 0x8100) | (et == 0x88A8)
+        l3 = a + 14 + 4 * vlan
+        et = np.where(vlan, (buf[a + 16].astype(np.int64) << 8) | buf[a + 17], et)
+        v4 = et == 0x0800
+        l4 = l3 + np.where(v4, (buf[np.minimum(l3, len(buf) - 1)] & 15).astype(np.int64) * 4, 40)
+        wg = l4 + 8
+        ok = (wg + 32 <= a + ln) & (v4 | (et == 0x86DD))
+        wgc = np.where(ok, wg, a)
+        idx = (buf[wgc + 4].astype(np.uint32) | (buf[wgc + 5].astype(np.uint32) << 8)
+               | (buf[wgc + 6].astype(np.uint32) << 16) | (buf[wgc + 7].astype(np.uint32) << 24))
+        ctr = np.zeros(n, dtype=np.uint64)
+        for i in range(8):
+            ctr |= buf[wgc + 8 + i].astype(np.uint64) << np.uint64(8 * i)
+        mv = self.umem._mv
+        keypairs = self.keypairs
+        now = time.monotonic()
+        reject_time = self.spec.reject_after_time
+        reject_msgs = self.spec.reject_after_messages
+        groups: dict[int, list[tuple[int, int, int, int, int]]] = {}
+        for i, (o, start, end, index, counter) in enumerate(zip(
+                ok.tolist(), wg.tolist(), (a + ln).tolist(), idx.tolist(), ctr.tolist(),
+                strict=True)):
+            if not o:
+                self.stats["drop_malformed"] += 1
+                continue
+            kp = keypairs.get(index)
+            if kp is None:
+                self.stats["drop_unknown_index"] += 1
+                continue
+            if now - kp.created >= reject_time or counter >= reject_msgs:
+                self.stats["drop_expired"] += 1
+                continue
+            if not kp.window.would_accept(counter):
+                self.stats["drop_replay"] += 1
+                continue
+            body = mv[start + 16 : end]
+            try:
+                kp.receiver.decrypt_into(_NONCE0 + counter.to_bytes(8, "little"), body, None,
+                                         body[:-16])
+            except InvalidTag:
+                self.stats["drop_bad_tag"] += 1
+                continue
+            groups.setdefault(index, []).append((i, start + 16, end - 16, counter, end - start))
+        for index, items in groups.items():
+            kp = keypairs[index]
+            verdicts = self.slots.accept(kp.slot, kp.window, [it[3] for it in items])
+            peer = self.peers.setdefault(kp.peer_id, WPeer(kp.peer_id))
+            if not kp.confirmed:
+                kp.confirmed = True
+                peer.current = kp
+                self._confirm.append(index)
+            last_ok = -1
+            for it, fresh in zip(items, verdicts, strict=True):
+                if not fresh:
+                    self.stats["drop_replay"] += 1
+                    continue
+                last_ok = it[0]
+                peer.rx_bytes += it[4]
+                self._deliver(peer, mv[it[1] : it[2]])
+            if last_ok >= 0:
+                peer.rx_source = _source(buf, int(a[last_ok]), int(l3[last_ok]),
+                                         int(l4[last_ok]), bool(v4[last_ok]))
+        self.xsk.rx_release(n)
+        self.xsk.fill(addrs)
+
+    def _deliver(self, peer: WPeer, plain: memoryview) -> None:
+        n = len(plain)
+        if n == 0:
+            peer.rx_keepalive += 1
+            return
+        version = plain[0] >> 4
+        if version == 4 and n >= 20:
+            length = (plain[2] << 8) | plain[3]
+            good = 20 <= length <= n
+        elif version == 6 and n >= 40:
+            length = 40 + ((plain[4] << 8) | plain[5])
+            good = length <= n
+        else:
+            good = False
+        if not good:
+            self.stats["drop_bad_inner"] += 1
+            return
+        packet = plain[:length]
+        peer.rx_data += 1
+        if self.allowed.lookup_packet_src(packet) != peer.peer_id:
+            self.stats["drop_allowedips_source"] += 1
+            return
+        self.tun.write(packet)
+
+    # --------------------------------------------------------------------- TX
+
+    def tx(self) -> None:
+        packets: list[bytes] = []
+        read = self.tun.read
+        for _ in range(TX_BATCH):
+            p = read()
+            if p is None:
+                break
+            packets.append(p)
+        if not packets:
+            return
+        self.stats["tx_batches"] += 1
+        by_peer: dict[int, list[bytes]] = {}
+        lookup = self.allowed.lookup_packet_dst
+        for p in packets:
+            peer_id = lookup(p)
+            if peer_id is None:
+                self.stats["drop_no_peer"] += 1
+                continue
+            by_peer.setdefault(peer_id, []).append(p)
+        now = time.monotonic()
+        addrs_out: list[int] = []
+        lens_out: list[int] = []
+        for peer_id, plist in by_peer.items():
+            peer = self.peers.get(peer_id)
+            kp = peer.current if peer is not None else None
+            if (peer is None or kp is None or peer.endpoint is None
+                    or now - kp.created >= self.spec.reject_after_time
+                    or self.slots.send_counter(kp.slot) + len(plist)
+                    >= self.spec.reject_after_messages):
+                self._stage.extend(plist)
+                continue
+            first = self.slots.reserve(kp.slot, len(plist))
+            tpl = self.nexthops.header(peer.endpoint, now)
+            for k, p in enumerate(plist):
+                size = self._seal(peer, kp, first + k, p, tpl, addrs_out, lens_out)
+                peer.tx_bytes += size
+            peer.tx_data += len(plist)
+        if addrs_out:
+            addrs = np.array(addrs_out, dtype=np.uint64)
+            lens = np.array(lens_out, dtype=np.uint32)
+            sent = self.xsk.tx_submit(addrs, lens)
+            if sent < len(addrs):
+                self.umem.free(addrs[sent:])
+            self.xsk.kick()
+            self.stats["tx_kicks"] += 1
+            self.stats["tx_packets"] += sent
+        self.reap()
+
+    def _seal(self, peer: WPeer, kp: WKeypair, counter: int, packet: bytes, tpl: Any,
+              addrs_out: list[int], lens_out: list[int]) -> int:
+        """Encrypt one packet; returns the WireGuard message size."""
+        n = len(packet)
+        plen = padded_len(n, self.spec.mtu)
+        msg_len = 16 + plen + 16
+        nonce = _NONCE0 + counter.to_bytes(8, "little")
+        header = _WG_HDR.pack(4, kp.remote_index, counter)
+        if tpl is None or HEADER_LEN + msg_len > min(FRAME_SIZE, self.link_mtu + 14):
+            sealed = kp.sender.encrypt(nonce, packet + bytes(plen - n), None)
+            self._send_raw(peer.endpoint, header + sealed)  # type: ignore[arg-type]
+            return msg_len
+        got = self.umem.alloc(1)
+        if not len(got):
+            self.reap()
+            got = self.umem.alloc(1)
+            if not len(got):
+                sealed = kp.sender.encrypt(nonce, packet + bytes(plen - n), None)
+                self._send_raw(peer.endpoint, header + sealed)  # type: ignore[arg-type]
+                return msg_len
+        addr = int(got[0])
+        frame = self.umem._mv[addr : addr + HEADER_LEN + msg_len]  # type: ignore[index]
+        tpl.fill(frame, msg_len)
+        body = HEADER_LEN + 16
+        frame[HEADER_LEN:body] = header
+        frame[body : body + n] = packet
+        if plen > n:
+            frame[body + n : body + plen] = bytes(plen - n)
+        kp.sender.encrypt_into(nonce, frame[body : body + plen], None, frame[body:])
+        addrs_out.append(addr)
+        lens_out.append(HEADER_LEN + msg_len)
+        return msg_len
+
+    def _send_raw(self, endpoint: tuple[str, int], message: bytes) -> None:
+        """Send through the kernel: UDP header by hand, IP header and fragments by the kernel."""
+        udp = struct.pack("!HHHH", self.spec.listen_port, endpoint[1], 8 + len(message), 0)
+        sock = self.raw6 if ":" in endpoint[0] else self.raw4
+        with contextlib.suppress(OSError):
+            sock.sendto(udp + message, (endpoint[0], 0))
+        self.stats["tx_raw"] += 1
+
+    def reap(self) -> None:
+        done = self.xsk.complete()
+        if len(done):
+            self.umem.free(done)
+
+    # ----------------------------------------------------------------- report
+
+    def flush_report(self) -> None:
+        peers = {}
+        for pid, p in self.peers.items():
+            if p.rx_bytes or p.tx_bytes or p.rx_keepalive:
+                peers[pid] = (p.rx_bytes, p.tx_bytes, p.rx_data, p.rx_keepalive, p.tx_data,
+                              p.rx_source)
+                p.rx_bytes = p.tx_bytes = p.rx_data = p.rx_keepalive = p.tx_data = 0
+                p.rx_source = None
+        stage, self._stage = self._stage[:256], []
+        self.stats["staged"] += len(stage)
+        confirm, self._confirm = self._confirm, []
+        self.report.send(("report", self.spec.index, peers, confirm, stage, dict(self.stats)))
+
+    # ------------------------------------------------------------------- loop
+
+    def run(self) -> None:
+        poll = select.poll()
+        xfd, tfd, cfd = self.xsk.fileno(), self.tun.fd, self.cmd.fileno()
+        for fd in (xfd, tfd, cfd):
+            poll.register(fd, select.POLLIN)
+        self.report.send(("ready", self.spec.index))
+        next_report = time.monotonic() + REPORT_INTERVAL
+        while self.running:
+            ready = {fd for fd, _ in poll.poll(REPORT_INTERVAL * 1000)}
+            # Commands first: a packet may arrive together with the keypair it needs.
+            while self.cmd.poll():
+                self.apply(self.cmd.recv())
+            if xfd in ready:
+                self.rx()
+            if tfd in ready:
+                self.tx()
+            now = time.monotonic()
+            # Key confirmations and packets waiting for a handshake cannot wait.
+            if now >= next_report or self._confirm or self._stage:
+                next_report = now + REPORT_INTERVAL
+                self.flush_report()
+                self.reap()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.xsk.close()
+        with contextlib.suppress(Exception):
+            self.umem.close()
+        with contextlib.suppress(Exception):
+            self.tun.close()
+        self.nexthops.close()
+        self.raw4.close()
+        self.raw6.close()
+
+
+def _source(buf: np.ndarray, a: int, l3: int, l4: int, v4: bool) -> tuple[str, int]:
+    port = (int(buf[l4]) << 8) | int(buf[l4 + 1])
+    if v4:
+        return socket.inet_ntop(socket.AF_INET, buf[l3 + 12 : l3 + 16].tobytes()), port
+    return socket.inet_ntop(socket.AF_INET6, buf[l3 + 8 : l3 + 24].tobytes()), port
+
+
+def _link_mtu(ifname: str) -> int:
+    try:
+        with open(f"/sys/class/net/{ifname}/mtu") as f:
+            return int(f.read())
+    except OSError:
+        return 1500
+
+
+def worker_main(spec: WorkerSpec, slots: SessionSlots, cmd: Connection, report: Connection,
+                set_xsk: Any) -> None:
+    """Entry point of a worker process (forked from the daemon)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    try:
+        worker = Worker(spec, slots, cmd, report, set_xsk)
+    except OSError as e:
+        report.send(("failed", spec.index, f"{type(e).__name__}: {e}"))
+        os._exit(1)
+    try:
+        worker.run()
+    except TunGone:
+        pass
+    except (EOFError, BrokenPipeError):
+        pass  # the daemon is gone
+    except OSError as e:
+        if e.errno != errno.EBADF:
+            raise
+    finally:
+        worker.close()
+    os._exit(0)
