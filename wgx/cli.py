@@ -197,6 +197,16 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def _workers(extra: dict[str, str]) -> list[dict[str, int]]:
+    """Per-worker counters from `get=wgx` keys like `worker0.rx_packets`."""
+    out: dict[int, dict[str, int]] = {}
+    for key, value in extra.items():
+        head, _, name = key.partition(".")
+        if head.startswith("worker") and head[6:].isdigit() and value.isdigit():
+            out.setdefault(int(head[6:]), {})[name] = int(value)
+    return [out[i] for i in sorted(out)]
+
+
 def _show_one(name: str, show_keys: bool) -> dict:
     client = UapiClient(name)
     dev = client.get()
@@ -214,6 +224,13 @@ def _show_one(name: str, show_keys: bool) -> dict:
         "dataplane": extra.get("dataplane", "unknown (not a wgx daemon)"),
         "drops": {k[5:]: int(v) for k, v in extra.items() if k.startswith("drop.")},
         "stats": {k[5:]: int(v) for k, v in extra.items() if k.startswith("stat.")},
+        "xdp": {
+            "iface": extra.get("xdp_iface"),
+            "attach_mode": extra.get("xdp_attach_mode"),
+            "verdicts": {k[4:]: int(v) for k, v in extra.items() if k.startswith("xdp.")},
+        } if "xdp_iface" in extra else None,
+        "fastpath_error": extra.get("fastpath_error"),
+        "workers": _workers(extra),
         "peers": [
             {
                 "public_key": _b64(p.public_key),
@@ -257,6 +274,16 @@ def show(
         for key in ("public_key", "private_key", "listen_port", "fwmark", "dataplane"):
             if info[key] is not None:
                 console.print(f"  [bold]{key.replace('_', ' ')}[/]: {info[key]}")
+        if info["fastpath_error"]:
+            console.print(f"  [bold]fast path[/]: not used: {info['fastpath_error']}")
+        if info["xdp"]:
+            xdp = info["xdp"]
+            console.print(f"  [bold]xdp[/]: {xdp['attach_mode']} on {xdp['iface']}")
+            hits = ", ".join(f"{k} {v}" for k, v in xdp["verdicts"].items() if v)
+            console.print(f"  [bold]xdp verdicts[/]: {hits or 'none yet'}")
+        for i, w in enumerate(info["workers"]):
+            busy = ", ".join(f"{k} {v}" for k, v in w.items() if v)
+            console.print(f"  [bold]worker {i}[/]: {busy or 'idle'}")
         if info["drops"]:
             drops = ", ".join(f"{k} {v}" for k, v in sorted(info["drops"].items()))
             console.print(f"  [bold]dropped[/]: {drops}")

@@ -18,6 +18,7 @@ import signal
 import time
 from dataclasses import dataclass
 
+from wgx.dataplane import offload
 from wgx.dataplane.tun import Tun, TunGone
 from wgx.dataplane.udp import UdpSockets
 from wgx.protocol.engine import Engine
@@ -29,6 +30,7 @@ from .uapi import SOCKET_DIR, UapiServer
 log = logging.getLogger("wgx.device")
 
 BATCH = 128
+VNET_BATCH = 8  # reads per wakeup when a read may be a 64 KB TSO super-packet
 HOUSEKEEPING_INTERVAL = 0.5
 
 
@@ -50,6 +52,7 @@ class DeviceOptions:
     xdp_iface: str | None = None
     workers: int | None = None
     xdp_mode: str = "auto"
+    tun_offload: bool = True
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> DeviceOptions:
@@ -59,7 +62,8 @@ class DeviceOptions:
         return cls(dataplane=env.get("WGX_DATAPLANE", "auto"),
                    xdp_iface=env.get("WGX_XDP_IFACE") or None,
                    workers=int(workers) if workers else None,
-                   xdp_mode=env.get("WGX_XDP_MODE", "auto"))
+                   xdp_mode=env.get("WGX_XDP_MODE", "auto"),
+                   tun_offload=env.get("WGX_TUN_OFFLOAD", "1") != "0")
 
 
 class Device:
@@ -80,6 +84,7 @@ class Device:
         self.fastpath_error: str | None = None
         self._fastpath_tried: set[str] = set()
         self._loader: Loader | None = None
+        self._arena = offload.Arena()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poll = select.poll()
         self._udp_fds: dict[int, object] = {}
@@ -95,7 +100,7 @@ class Device:
             raise ValueError(f"dataplane {options.dataplane!r}: use one of {', '.join(DATAPLANES)}")
         if options.xdp_mode not in ("auto", "native", "generic"):
             raise ValueError(f"XDP mode {options.xdp_mode!r}: use auto, native or generic")
-        tun = Tun.create(name, multi_queue=True)
+        tun = Tun.create(name, multi_queue=True, vnet_hdr=options.tun_offload)
         udp = uapi = None
         try:
             if tun.mtu() == 1500:  # fresh TUN: default like wireguard-go
@@ -161,7 +166,8 @@ class Device:
         assert loader is not None
         try:
             self.fastpath = FastPath.finish(self.engine, loader, self.name,
-                                            workers=self.options.workers)
+                                            workers=self.options.workers,
+                                            vnet_hdr=self.tun.vnet_hdr)
         except (FastPathError, OSError) as e:
             self.fastpath_error = str(e)
             level = logging.ERROR if self.options.dataplane == "xdp" else logging.INFO
@@ -272,12 +278,13 @@ class Device:
 
     def _from_tun(self, now: float) -> None:
         engine = self.engine
-        read = self.tun.read
-        for _ in range(BATCH):
-            packet = read()
-            if packet is None:
-                break
-            engine.send_packet(packet, now)
+        raw = self.tun.read_batch(BATCH if not self.tun.vnet_hdr else VNET_BATCH)
+        if self.tun.vnet_hdr:
+            for segment in offload.split_gso_batch(raw, engine.mtu, arena=self._arena):
+                engine.send_packet(bytes(segment), now)
+        else:
+            for packet in raw:
+                engine.send_packet(packet, now)
 
     def _from_udp(self, fd: int, now: float) -> None:
         engine = self.engine
@@ -300,9 +307,14 @@ class Device:
                 send(data, ep)
             engine.datagrams.clear()
         if engine.tun:
-            write = self.tun.write
-            for packet in engine.tun:
-                write(packet)
+            if self.tun.vnet_hdr:
+                write = self.tun.write_vnet
+                for buf in offload.coalesce(engine.tun):
+                    write(buf)
+            else:
+                write = self.tun.write
+                for packet in engine.tun:
+                    write(packet)
             engine.tun.clear()
 
     def _from_workers(self, fd: int, now: float) -> None:

@@ -115,15 +115,15 @@ class FastPath:
 
     @classmethod
     def start(cls, engine: Engine, ifname: str, tun_name: str, *, workers: int | None = None,
-              xdp_mode: str = "auto") -> FastPath:
+              xdp_mode: str = "auto", vnet_hdr: bool = False) -> FastPath:
         """Attach XDP on `ifname` and start the workers; raises FastPathError with the reason."""
         loader = Loader(ifname, engine.listen_port, xdp_mode)
         loader.run()
-        return cls.finish(engine, loader, tun_name, workers=workers)
+        return cls.finish(engine, loader, tun_name, workers=workers, vnet_hdr=vnet_hdr)
 
     @classmethod
     def finish(cls, engine: Engine, loader: Loader, tun_name: str, *,
-               workers: int | None = None) -> FastPath:
+               workers: int | None = None, vnet_hdr: bool = False) -> FastPath:
         """Second step, in the daemon's thread: shared slots and worker processes."""
         prog, ifname = loader.result(), loader.ifname
         queues = rx_queues(ifname)
@@ -132,7 +132,8 @@ class FastPath:
         engine.keypair_factory = partial(SharedKeypair, slots)
         specs = [
             WorkerSpec(i, ifname, i, tun_name, engine.listen_port, engine.mtu,
-                       engine.limits.reject_after_time, engine.limits.reject_after_messages)
+                       engine.limits.reject_after_time, engine.limits.reject_after_messages,
+                       vnet_hdr)
             for i in range(n)
         ]
         pool = WorkerPool(specs, slots, prog.set_xsk)

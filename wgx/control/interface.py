@@ -173,8 +173,24 @@ class Interface:
         self._hooks("PostUp")
         self._save_state(state)
 
+    def _underlay(self) -> str | None:
+        """The interface toward the first peer endpoint: where XDP attaches."""
+        with NetConf(self.netns) as nc:
+            for p in self.config.peers:
+                if p.endpoint is not None:
+                    host, _ = _resolve_endpoint(*p.endpoint)
+                    return nc.route_device(host)
+        return None
+
     def _start_daemon(self, state: UpState) -> None:
         env = dict(os.environ, WGX_DATAPLANE=self.dataplane)
+        if self.dataplane != "socket" and not env.get("WGX_XDP_IFACE"):
+            underlay = self._underlay()
+            if underlay is not None:
+                env["WGX_XDP_IFACE"] = underlay
+            elif self.dataplane == "xdp":
+                raise InterfaceError("--dataplane xdp needs a peer Endpoint to find the underlay "
+                                     "interface (or set WGX_XDP_IFACE)")
         argv = _daemon_command() + [self.name]
         preexec = None
         if self.netns:

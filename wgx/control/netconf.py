@@ -165,6 +165,17 @@ class NetConf:
             return None
         return self.ipr.link("get", index=oif)[0].get_attr("IFLA_MTU")
 
+    def route_device(self, addr: str) -> str | None:
+        """Name of the interface the kernel would use to reach `addr`, if any."""
+        try:
+            msg = self.ipr.route("get", dst=addr)[0]
+        except (NetlinkError, IndexError):
+            return None
+        oif = msg.get_attr("RTA_OIF")
+        if oif is None:
+            return None
+        return self.ipr.link("get", index=oif)[0].get_attr("IFLA_IFNAME")
+
     def default_route_mtu(self) -> int | None:
         """MTU of the device carrying the IPv4 (else IPv6) default route, if any."""
         for family in (AF_INET, AF_INET6):

@@ -2,7 +2,8 @@
 
 `NextHops.header(endpoint)` returns the Ethernet + IPv4 + UDP header template
 for sending to `endpoint` out of the XDP interface, built from the kernel's
-route and neighbour tables through pyroute2 and cached for a few seconds.
+route and neighbour tables through pyroute2 and cached for a second (a moved
+source address is picked up within it).
 It returns None when the path does not leave through that interface, the
 neighbour is not resolved yet, or the endpoint is IPv6 (TX over AF_XDP is
 IPv4 only for now); the caller then sends through the kernel, which resolves
@@ -18,7 +19,7 @@ import time
 
 from pyroute2 import IPRoute
 
-CACHE_SECONDS = 5.0
+CACHE_SECONDS = 1.0  # how long a source address or neighbour may be stale after a change
 NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT
 ETH_IPV4 = b"\x08\x00"
 HEADER_LEN = 14 + 20 + 8

@@ -1,7 +1,12 @@
 """Linux TUN devices through /dev/net/tun (IFF_TUN | IFF_NO_PI).
 
 `Tun.create(name)` makes (or attaches to) a layer-3 TUN device and returns a
-non-blocking handle. The fd stays valid if the device is moved to another
+non-blocking handle. With `vnet_hdr=True` the device runs with IFF_VNET_HDR
+and TSO/checksum offloads (see wgx.dataplane.offload): reads may return TCP
+super-packets of up to 64 KB behind a virtio-net header, to be split with
+`offload.split_gso_batch`, and every write carries a virtio-net header
+(`write` adds an empty one; `write_vnet` takes a buffer that has one, e.g.
+from `offload.coalesce`). The fd stays valid if the device is moved to another
 network namespace; once the device is deleted, reads fail with EBADFD and
 `TunGone` is raised so the daemon can exit.
 """
@@ -13,6 +18,9 @@ import fcntl
 import os
 import socket
 import struct
+from collections.abc import Callable
+
+from . import offload
 
 TUNSETIFF = 0x400454CA
 TUNGETIFF = 0x800454D2
@@ -34,18 +42,24 @@ class TunGone(Exception):
 
 
 class Tun:
-    def __init__(self, fd: int, name: str) -> None:
+    def __init__(self, fd: int, name: str, vnet_hdr: bool = False) -> None:
         self.fd = fd
         self.name = name
+        self.vnet_hdr = vnet_hdr
         self._ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
     @classmethod
-    def create(cls, name: str, multi_queue: bool = False) -> Tun:
-        """Open /dev/net/tun and attach it to device `name` (created if absent)."""
+    def create(cls, name: str, multi_queue: bool = False, vnet_hdr: bool = False) -> Tun:
+        """Open /dev/net/tun and attach it to device `name` (created if absent).
+
+        All queues of a multi-queue device must use the same `vnet_hdr`.
+        """
         if not name or len(name.encode()) >= IFNAMSIZ or "/" in name:
             raise ValueError(f"invalid interface name {name!r}")
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         flags = IFF_TUN | IFF_NO_PI | (IFF_MULTI_QUEUE if multi_queue else 0)
+        if vnet_hdr:
+            flags |= offload.IFF_VNET_HDR
         try:
             ifr = struct.pack("16sH22x", name.encode(), flags)
             res = fcntl.ioctl(fd, TUNSETIFF, ifr)
@@ -53,7 +67,13 @@ class Tun:
             os.close(fd)
             raise
         actual = res[:IFNAMSIZ].rstrip(b"\0").decode()
-        return cls(fd, actual)
+        if vnet_hdr:
+            try:
+                offload.set_tun_offload(fd)
+            except OSError:
+                os.close(fd)
+                raise
+        return cls(fd, actual, vnet_hdr)
 
     def set_queue_enabled(self, enabled: bool) -> None:
         """Attach or detach this fd's queue of a multi-queue TUN (TUNSETQUEUE).
@@ -67,7 +87,7 @@ class Tun:
     def read(self) -> bytes | None:
         """One packet, or None if none is waiting. Raises TunGone if the device was deleted."""
         try:
-            return os.read(self.fd, MAX_PACKET)
+            return os.read(self.fd, MAX_PACKET + offload.VNET_HDR_LEN)
         except BlockingIOError:
             return None
         except OSError as e:
@@ -75,9 +95,31 @@ class Tun:
                 raise TunGone(self.name) from e
             raise
 
-    def write(self, packet: bytes) -> None:
+    def read_batch(self, max_n: int) -> list[bytes]:
+        """Up to `max_n` raw reads (with their virtio-net header in vnet mode)."""
+        out: list[bytes] = []
+        read = self.read
+        for _ in range(max_n):
+            p = read()
+            if p is None:
+                break
+            out.append(p)
+        return out
+
+    def write(self, packet: bytes | memoryview) -> None:
+        """Write one plain IP packet (an empty virtio-net header is added in vnet mode)."""
+        if self.vnet_hdr:
+            self._write(lambda: os.writev(self.fd, (offload.VNET_ZERO, packet)))
+        else:
+            self._write(lambda: os.write(self.fd, packet))
+
+    def write_vnet(self, buf: bytes | memoryview) -> None:
+        """Write a buffer that starts with its own virtio-net header (vnet mode only)."""
+        self._write(lambda: os.write(self.fd, buf))
+
+    def _write(self, op: Callable[[], int]) -> None:
         try:
-            os.write(self.fd, packet)
+            op()
         except BlockingIOError:
             pass  # the kernel queue is full: drop, like a congested link
         except OSError as e:

@@ -27,6 +27,7 @@ and hands the daemon the packets it cannot send for lack of a session.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -46,6 +47,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from wgx.protocol.allowedips import AllowedIPs
 from wgx.protocol.messages import padded_len
 
+from . import offload
 from .nexthop import HEADER_LEN, NextHops
 from .sessions import SessionSlots
 from .tun import Tun, TunGone
@@ -55,12 +57,14 @@ log = logging.getLogger("wgx.worker")
 
 RX_BATCH = 256
 TX_BATCH = 64
+TX_VNET_READS = 8  # TSO reads per batch: each may be a 64 KB super-packet (~45 segments)
 REPORT_INTERVAL = 0.05
 FRAME_SIZE = 2048
 FRAME_COUNT = 4096
 _NONCE0 = b"\x00\x00\x00\x00"
 _WG_HDR = struct.Struct("<IIQ")
 IPV6_CHECKSUM = 7
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(slots=True)
@@ -101,6 +105,7 @@ class WorkerSpec:
     mtu: int
     reject_after_time: float
     reject_after_messages: int
+    vnet_hdr: bool = False
 
 
 class Worker:
@@ -123,7 +128,9 @@ class Worker:
         self.xsk = XskSocket(spec.ifname, spec.queue, self.umem)
         self.xsk.refill()
         set_xsk(spec.queue, self.xsk.fileno())
-        self.tun = Tun.create(spec.tun_name, multi_queue=True)
+        self.tun = Tun.create(spec.tun_name, multi_queue=True, vnet_hdr=spec.vnet_hdr)
+        self._arena = offload.Arena()
+        self._rx_out: list[memoryview] = []
         self.nexthops = NextHops(spec.ifname, spec.listen_port)
         self.raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
         self.raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP)
@@ -244,6 +251,8 @@ class Worker:
             if last_ok >= 0:
                 peer.rx_source = _source(buf, int(a[last_ok]), int(l3[last_ok]),
                                          int(l4[last_ok]), bool(v4[last_ok]))
+        if self._rx_out:
+            self._write_tun()  # before the frames go back to the kernel
         self.xsk.rx_release(n)
         self.xsk.fill(addrs)
 
@@ -269,18 +278,26 @@ class Worker:
         if self.allowed.lookup_packet_src(packet) != peer.peer_id:
             self.stats["drop_allowedips_source"] += 1
             return
-        self.tun.write(packet)
+        self._rx_out.append(packet)
+
+    def _write_tun(self) -> None:
+        """Write the batch's packets; with offloads, in-order TCP runs as one super-packet."""
+        out, self._rx_out = self._rx_out, []
+        if self.tun.vnet_hdr:
+            for buf in offload.coalesce(out):
+                self.tun.write_vnet(buf)
+        else:
+            for packet in out:
+                self.tun.write(packet)
 
     # --------------------------------------------------------------------- TX
 
     def tx(self) -> None:
-        packets: list[bytes] = []
-        read = self.tun.read
-        for _ in range(TX_BATCH):
-            p = read()
-            if p is None:
-                break
-            packets.append(p)
+        if self.tun.vnet_hdr:
+            raw = self.tun.read_batch(TX_VNET_READS)
+            packets: list[Any] = offload.split_gso_batch(raw, self.spec.mtu, arena=self._arena)
+        else:
+            packets = self.tun.read_batch(TX_BATCH)
         if not packets:
             return
         self.stats["tx_batches"] += 1
@@ -302,7 +319,7 @@ class Worker:
                     or now - kp.created >= self.spec.reject_after_time
                     or self.slots.send_counter(kp.slot) + len(plist)
                     >= self.spec.reject_after_messages):
-                self._stage.extend(plist)
+                self._stage.extend(bytes(p) for p in plist)
                 continue
             first = self.slots.reserve(kp.slot, len(plist))
             tpl = self.nexthops.header(peer.endpoint, now)
@@ -330,7 +347,7 @@ class Worker:
         nonce = _NONCE0 + counter.to_bytes(8, "little")
         header = _WG_HDR.pack(4, kp.remote_index, counter)
         if tpl is None or HEADER_LEN + msg_len > min(FRAME_SIZE, self.link_mtu + 14):
-            sealed = kp.sender.encrypt(nonce, packet + bytes(plen - n), None)
+            sealed = kp.sender.encrypt(nonce, bytes(packet) + bytes(plen - n), None)
             self._send_raw(peer.endpoint, header + sealed)  # type: ignore[arg-type]
             return msg_len
         got = self.umem.alloc(1)
@@ -338,7 +355,7 @@ class Worker:
             self.reap()
             got = self.umem.alloc(1)
             if not len(got):
-                sealed = kp.sender.encrypt(nonce, packet + bytes(plen - n), None)
+                sealed = kp.sender.encrypt(nonce, bytes(packet) + bytes(plen - n), None)
                 self._send_raw(peer.endpoint, header + sealed)  # type: ignore[arg-type]
                 return msg_len
         addr = int(got[0])
@@ -437,6 +454,10 @@ def _link_mtu(ifname: str) -> int:
 def worker_main(spec: WorkerSpec, slots: SessionSlots, cmd: Connection, report: Connection,
                 set_xsk: Any) -> None:
     """Entry point of a worker process (forked from the daemon)."""
+    # Die with the daemon, even on SIGKILL: a worker must never outlive its keys' owner.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:
+        os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     try:
