@@ -100,6 +100,8 @@ def test_up_down_two_peers_default_route(lab: netlab.Lab) -> None:
     conf, keys = full_conf(lab, h)
     with NetConf(h.name) as nc:
         rules_before = {v: nc.rules(v) for v in (4, 6)}
+    # The default dataplane is auto: the endpoint routes via the lab's veth, which has
+    # native XDP, so the fast path is attached (the pre-fork compile takes seconds).
     cp = wgx(h, "up", str(conf))
     assert cp.returncode == 0, cp.stderr
     with NetConf(h.name) as nc:
@@ -120,7 +122,9 @@ def test_up_down_two_peers_default_route(lab: netlab.Lab) -> None:
                        and r["suppress_prefixlength"] == 0 for r in rules)
     shown = json.loads(wgx(h, "show", "wgc0", "--json").stdout)
     assert shown["fwmark"] == 51820 and shown["listen_port"] == 51830
-    assert shown["private_key"] == "(hidden)" and shown["dataplane"] == "socket"
+    assert shown["private_key"] == "(hidden)" and shown["dataplane"] == "xdp"
+    assert shown["xdp"]["iface"] == "ul0" and shown["xdp"]["attach_mode"] == "native"
+    assert len(shown["workers"]) >= 1
     peers = {p["public_key"]: p for p in shown["peers"]}
     assert peers[keys["p1"]]["allowed_ips"] == ["0.0.0.0/0", "::/0"]
     assert peers[keys["p2"]]["persistent_keepalive"] == 25
@@ -134,6 +138,7 @@ def test_up_down_two_peers_default_route(lab: netlab.Lab) -> None:
         assert not nc.table_in_use(51820)
     assert netlab.wait_until(lambda: not h.socket_path("wgc0").exists(), timeout=5)
     assert not Path(f"/run/wgx/{h.name}/wgc0.json").exists()
+    assert "xdp" not in h.ip("-d", "link", "show", "ul0")  # the program left with the daemon
 
 
 def test_api_up_peers_down(lab: netlab.Lab) -> None:

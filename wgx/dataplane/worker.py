@@ -62,6 +62,7 @@ REPORT_INTERVAL = 0.05
 FRAME_SIZE = 2048
 FRAME_COUNT = 4096
 _NONCE0 = b"\x00\x00\x00\x00"
+_ZEROS = bytes(16)
 _WG_HDR = struct.Struct("<IIQ")
 IPV6_CHECKSUM = 7
 PR_SET_PDEATHSIG = 1
@@ -323,9 +324,7 @@ class Worker:
                 continue
             first = self.slots.reserve(kp.slot, len(plist))
             tpl = self.nexthops.header(peer.endpoint, now)
-            for k, p in enumerate(plist):
-                size = self._seal(peer, kp, first + k, p, tpl, addrs_out, lens_out)
-                peer.tx_bytes += size
+            peer.tx_bytes += self._seal_batch(peer, kp, first, plist, tpl, addrs_out, lens_out)
             peer.tx_data += len(plist)
         if addrs_out:
             addrs = np.array(addrs_out, dtype=np.uint64)
@@ -338,38 +337,54 @@ class Worker:
             self.stats["tx_packets"] += sent
         self.reap()
 
-    def _seal(self, peer: WPeer, kp: WKeypair, counter: int, packet: bytes, tpl: Any,
-              addrs_out: list[int], lens_out: list[int]) -> int:
-        """Encrypt one packet; returns the WireGuard message size."""
-        n = len(packet)
-        plen = padded_len(n, self.spec.mtu)
-        msg_len = 16 + plen + 16
-        nonce = _NONCE0 + counter.to_bytes(8, "little")
-        header = _WG_HDR.pack(4, kp.remote_index, counter)
-        if tpl is None or HEADER_LEN + msg_len > min(FRAME_SIZE, self.link_mtu + 14):
-            sealed = kp.sender.encrypt(nonce, bytes(packet) + bytes(plen - n), None)
-            self._send_raw(peer.endpoint, header + sealed)  # type: ignore[arg-type]
-            return msg_len
-        got = self.umem.alloc(1)
-        if not len(got):
-            self.reap()
-            got = self.umem.alloc(1)
-            if not len(got):
-                sealed = kp.sender.encrypt(nonce, bytes(packet) + bytes(plen - n), None)
-                self._send_raw(peer.endpoint, header + sealed)  # type: ignore[arg-type]
-                return msg_len
-        addr = int(got[0])
-        frame = self.umem._mv[addr : addr + HEADER_LEN + msg_len]  # type: ignore[index]
-        tpl.fill(frame, msg_len)
+    def _seal_batch(self, peer: WPeer, kp: WKeypair, first: int, plist: list[Any],
+                    tpl: Any, addrs_out: list[int], lens_out: list[int]) -> int:
+        """Encrypt one peer's packets with counters first, first+1, ...; returns bytes sent.
+
+        Each packet is copied once, into a UMEM frame behind the cached link header,
+        and sealed in place; packets AF_XDP cannot carry go to `_send_raw`.
+        """
+        mtu = self.spec.mtu
+        limit = min(FRAME_SIZE, self.link_mtu + 14) - HEADER_LEN
+        frames: list[int] = []
+        if tpl is not None:
+            frames = self.umem.alloc(len(plist)).tolist()
+            if len(frames) < len(plist):
+                self.reap()
+                frames += self.umem.alloc(len(plist) - len(frames)).tolist()
+        mv = self.umem._mv
+        seal = kp.sender.encrypt_into
+        remote = kp.remote_index
+        fill = tpl.fill if tpl is not None else None
         body = HEADER_LEN + 16
-        frame[HEADER_LEN:body] = header
-        frame[body : body + n] = packet
-        if plen > n:
-            frame[body + n : body + plen] = bytes(plen - n)
-        kp.sender.encrypt_into(nonce, frame[body : body + plen], None, frame[body:])
-        addrs_out.append(addr)
-        lens_out.append(HEADER_LEN + msg_len)
-        return msg_len
+        total = 0
+        unused: list[int] = []
+        for k, packet in enumerate(plist):
+            counter = first + k
+            n = len(packet)
+            plen = padded_len(n, mtu)
+            msg_len = plen + 32
+            total += msg_len
+            nonce = _NONCE0 + counter.to_bytes(8, "little")
+            if fill is None or k >= len(frames) or msg_len > limit:
+                sealed = kp.sender.encrypt(nonce, bytes(packet) + bytes(plen - n), None)
+                self._send_raw(peer.endpoint, _WG_HDR.pack(4, remote, counter) + sealed)  # type: ignore[arg-type]
+                if k < len(frames):
+                    unused.append(frames[k])
+                continue
+            addr = frames[k]
+            frame = mv[addr : addr + HEADER_LEN + msg_len]  # type: ignore[index]
+            fill(frame, msg_len)
+            _WG_HDR.pack_into(frame, HEADER_LEN, 4, remote, counter)
+            frame[body : body + n] = packet
+            if plen > n:
+                frame[body + n : body + plen] = _ZEROS[: plen - n]
+            seal(nonce, frame[body : body + plen], None, frame[body:])
+            addrs_out.append(addr)
+            lens_out.append(HEADER_LEN + msg_len)
+        if unused:
+            self.umem.free(unused)
+        return total
 
     def _send_raw(self, endpoint: tuple[str, int], message: bytes) -> None:
         """Send through the kernel: UDP header by hand, IP header and fragments by the kernel."""
