@@ -288,3 +288,38 @@ def test_help_has_examples() -> None:
                 "exporter"):
         out = subprocess.run(["wgx", cmd, "--help"], capture_output=True, text=True).stdout
         assert "Example" in out, cmd
+
+
+def test_hooks_run_in_order_with_iface_substituted(lab: netlab.Lab) -> None:
+    h = lab.a
+    priv, _ = keypair(h)
+    log = h.dir / "hooks.log"
+    conf = write_conf(h.dir / "wgh0.conf", f"""
+        [Interface]
+        PrivateKey = {priv}
+        Address = 10.99.0.1/24
+        PreUp = echo pre-up %i >> {log}
+        PostUp = echo post-up %i $(cat /sys/class/net/%i/mtu) >> {log}
+        PreDown = echo pre-down %i >> {log}
+        PostDown = echo post-down %i >> {log}
+    """)
+    assert wgx(h, "up", str(conf), "--dataplane", "socket").returncode == 0
+    assert wgx(h, "down", str(conf)).returncode == 0
+    assert log.read_text().split("\n")[:4] == [
+        "pre-up wgh0", "post-up wgh0 1420", "pre-down wgh0", "post-down wgh0"]
+
+
+def test_failing_postup_hook_rolls_back(lab: netlab.Lab) -> None:
+    h = lab.a
+    priv, _ = keypair(h)
+    conf = write_conf(h.dir / "wgf0.conf", f"""
+        [Interface]
+        PrivateKey = {priv}
+        Address = 10.99.0.1/24
+        PostUp = false
+    """)
+    cp = wgx(h, "up", str(conf), "--dataplane", "socket")
+    assert cp.returncode == 1 and "PostUp hook failed" in cp.stderr
+    with NetConf(h.name) as nc:
+        assert nc.link_index("wgf0") is None
+    assert netlab.wait_until(lambda: not h.socket_path("wgf0").exists(), timeout=5)
