@@ -39,7 +39,8 @@ class WorkerPool:
         self.current: dict[int, tuple] = {}
         self.allowed: tuple = ("allowed", [])
         self.restarts = 0
-        self.stats: list[dict[str, int]] = [{} for _ in specs]
+        self._live_stats: list[dict[str, int]] = [{} for _ in specs]
+        self._retired: list[dict[str, int]] = [{} for _ in specs]  # of dead predecessors
         self.ready: set[int] = set()
         self.failures: dict[int, str] = {}
 
@@ -120,7 +121,7 @@ class WorkerPool:
             while conn.poll():
                 msg = conn.recv()
                 if msg[0] == "report":
-                    self.stats[i] = msg[5]
+                    self._live_stats[i] = msg[5]
                 elif msg[0] == "ready":
                     self.ready.add(i)
                 elif msg[0] == "failed":
@@ -129,7 +130,21 @@ class WorkerPool:
         except (EOFError, OSError):
             del self.reports[fd]
             conn.close()
+            dead, self._live_stats[i] = self._live_stats[i], {}
+            for k, v in dead.items():
+                self._retired[i][k] = self._retired[i].get(k, 0) + v
             out.append(("died", i))
+        return out
+
+    @property
+    def stats(self) -> list[dict[str, int]]:
+        """Counters per worker slot, including those of workers that died there."""
+        out = []
+        for live, retired in zip(self._live_stats, self._retired, strict=True):
+            merged = dict(retired)
+            for k, v in live.items():
+                merged[k] = merged.get(k, 0) + v
+            out.append(merged)
         return out
 
     def respawn(self, i: int) -> None:

@@ -14,15 +14,17 @@ after `SLOTS` newer keypairs: long after every worker dropped the old one.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import multiprocessing
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from wgx.protocol.peer import Keypair
 from wgx.protocol.replay import STORAGE_LEN, ReplayWindow
 
 SLOTS = 1024
 LOCKS = 64
+LOCK_TIMEOUT = 1.0
 _WORDS = 1 + STORAGE_LEN  # [0] next send counter, [1:] replay window storage
 
 
@@ -40,13 +42,10 @@ class SessionSlots:
         slot = self._next
         self._next = (slot + 1) % self.slots
         base = slot * _WORDS
-        with self.lock(slot):
+        with self._held(slot):
             for i in range(_WORDS):
                 self._q[base + i] = 0
         return slot
-
-    def lock(self, slot: int) -> multiprocessing.synchronize.Lock:  # type: ignore[name-defined]
-        return self._locks[slot % LOCKS]
 
     def window(self, slot: int) -> ReplayWindow:
         """The shared replay window of `slot`; mutate it only under `lock(slot)`."""
@@ -57,20 +56,35 @@ class SessionSlots:
         return self._q[slot * _WORDS]
 
     def set_send_counter(self, slot: int, value: int) -> None:
-        with self.lock(slot):
+        with self._held(slot):
             self._q[slot * _WORDS] = value
+
+    @contextlib.contextmanager
+    def _held(self, slot: int) -> Iterator[None]:
+        """The slot's lock. Holders keep it for microseconds; one that does not let go
+        within LOCK_TIMEOUT was killed while holding it (kill -9 of a worker), so the
+        lock is taken over instead of deadlocking every other process."""
+        lock = self._locks[slot % LOCKS]
+        if not lock.acquire(timeout=LOCK_TIMEOUT):
+            with contextlib.suppress(ValueError):
+                lock.release()
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def reserve(self, slot: int, n: int) -> int:
         """Claim counters [first, first + n) for sending; returns first."""
         i = slot * _WORDS
-        with self._locks[slot % LOCKS]:
+        with self._held(slot):
             first = self._q[i]
             self._q[i] = first + n
         return first
 
     def accept(self, slot: int, window: ReplayWindow, counters: Iterable[int]) -> list[bool]:
         """Check-and-mark a batch of authenticated counters in one lock round trip."""
-        with self._locks[slot % LOCKS]:
+        with self._held(slot):
             return [window.check_and_update(c) for c in counters]
 
 
