@@ -729,7 +729,9 @@ def _check_rx(n: int, sent: dict, res: dict) -> None:
 @pytest.mark.parametrize("frame_size", [2048, 4096])
 def test_rx_udp_through_xsk(lab, frame_size: int) -> None:
     """1000 UDP datagrams of 64..1400 B arrive intact through the RX ring (copy mode)."""
-    assert _queues(lab.b) == 1  # veth default: one active RX queue, all traffic on queue 0
+    for h in (lab.a, lab.b):  # one active queue pair: all traffic on queue 0
+        h.run(["ethtool", "-L", IFACE, "rx", "1", "tx", "1"])
+    assert _queues(lab.b) == 1
     n = 1000
     ready, sent, res = _rx_roundtrip(lab, n, [0], flows=1, frame_size=frame_size)
     print(f"\nbind mode {ready['mode']} (zero-copy refused: {ready['zc_error']}), "

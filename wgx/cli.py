@@ -446,3 +446,274 @@ def userspace_main() -> None:
 
 if __name__ == "__main__":
     app()
+
+
+# --------------------------------------------------------------------------- lab and bench
+# (one block: the netns lab, `wgx bench` and `wgx bench crypto`; the logic lives in wgx.lab)
+
+lab_app = typer.Typer(help="A netns test lab: hosts are namespaces, tunnels come up with "
+                      "`wgx up`.", no_args_is_help=True, rich_markup_mode="rich")
+LabNameOpt = Annotated[str, typer.Option(
+    "--name", help="Lab name: namespaces are NAME-HOST, state in /run/wgx-lab/NAME.")]
+
+
+def _lab_log(message: str) -> None:
+    typer.echo(f"[lab] {message}", err=True)
+
+
+@lab_app.command("up")
+def lab_up(
+    hosts: Annotated[int, typer.Option(help="Number of hosts (alpha, beta, gamma, ...).")] = 2,
+    queues: Annotated[int, typer.Option(help="RX/TX queues of every underlay veth.")] = 2,
+    dataplane: Annotated[str, typer.Option(help="wgx dataplane: auto, xdp or socket.")] = "auto",
+    peer_impl: Annotated[str, typer.Option(
+        help="wgx, or wireguard-go for the last host (through wg-quick).")] = "wgx",
+    topology: Annotated[str, typer.Option(
+        help="With more than 2 hosts (on a bridge): mesh, or hub (the first host).")] = "mesh",
+    junk: Annotated[bool, typer.Option(
+        help="Add a NAME-junk namespace that can reach the last host's underlay.")] = False,
+    check: Annotated[bool, typer.Option(help="Ping every host through the tunnel.")] = True,
+    name: LabNameOpt = "wgxlab",
+) -> None:
+    """Build the lab: namespaces, multi-queue veths (a bridge for N>2), keys, configs, tunnels.
+
+    Underlay 198.18.0.i/24 + fd18::i/64, overlay 10.99.0.i/24 + fd99::i/64 (host i from 1).
+    Each host is provisioned by scripts/provision-host.sh, like the Vagrant VMs.
+
+    Example: [bold]wgx lab up --hosts 3 --topology hub[/bold]
+    """
+    from wgx.lab import lab as labmod
+
+    spec = labmod.LabSpec(name=name, hosts=hosts, queues=queues, dataplane=dataplane,
+                          peer_impl=peer_impl, topology=topology, junk=junk, check=check)
+    t0 = time.monotonic()
+    try:
+        state = labmod.up(spec, log=_lab_log)
+    except labmod.LabError as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"lab {state.name} is up in {time.monotonic() - t0:.1f}s: "
+               + ", ".join(f"{h.name} ({h.impl}, {h.overlay4})" for h in state.hosts), err=True)
+    typer.echo(f"try: wgx lab exec {state.hosts[0].name}"
+               f"{'' if name == 'wgxlab' else ' --name ' + name} -- ping -c 3 "
+               f"{state.hosts[1].overlay4}", err=True)
+
+
+@lab_app.command("down")
+def lab_down(
+    name: LabNameOpt = "wgxlab",
+    all_labs: Annotated[bool, typer.Option("--all", help="Take down every lab.")] = False,
+) -> None:
+    """Remove the lab: tunnels, processes, namespaces and files (also after a crash).
+
+    Example: [bold]wgx lab down[/bold]
+    """
+    from wgx.lab import lab as labmod
+
+    names = labmod.list_labs() if all_labs else [name]
+    for n in names:
+        try:
+            labmod.down(n, log=_lab_log)
+        except labmod.LabError as e:
+            raise _fail(str(e)) from None
+        typer.echo(f"lab {n} is down", err=True)
+
+
+@lab_app.command("status")
+def lab_status(
+    name: LabNameOpt = "wgxlab",
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show the lab's hosts, namespaces, dataplanes, processes and peers.
+
+    Example: [bold]wgx lab status --json[/bold]
+    """
+    from rich.table import Table
+
+    from wgx.lab import lab as labmod
+
+    try:
+        st = labmod.status(name)
+    except labmod.LabError as e:
+        others = labmod.list_labs()
+        raise _fail(f"{e}" + (f" (labs: {', '.join(others)})" if others else "")) from None
+    if json_out:
+        typer.echo(json.dumps(st, indent=2))
+        return
+    console = Console()
+    spec = st["spec"]
+    console.print(f"[bold]lab {st['name']}[/]: {len(st['hosts'])} hosts, {spec['queues']} "
+                  f"queues, topology {spec['topology']}, dir {st['dir']}"
+                  + ("" if st["complete"] else " [red](incomplete: run wgx lab down)[/]"))
+    table = Table("host", "netns", "impl", "dataplane", "underlay", "overlay", "pids", "peers")
+    for h in st["hosts"]:
+        pids = ", ".join(f"{k} {','.join(map(str, v))}" for k, v in h["pids"].items() if v)
+        peers = []
+        for p in h["peers"]:
+            hs = _ago(p["latest_handshake"]) if p["latest_handshake"] else "no handshake"
+            peers.append(f"{p['endpoint']} {hs}, rx {_bytes(p['rx_bytes'])} "
+                         f"tx {_bytes(p['tx_bytes'])}")
+        table.add_row(h["host"], h["netns"] if h["netns_ok"] else f"[red]{h['netns']} (gone)[/]",
+                      h["impl"], str(h["dataplane"] or "-"), " ".join(h["underlay"]),
+                      " ".join(h["overlay"]) or "-", pids or "-", "\n".join(peers) or "-")
+    console.print(table)
+
+
+@lab_app.command("exec", context_settings={"ignore_unknown_options": True})
+def lab_exec(
+    host: Annotated[str, typer.Argument(help="Host name (alpha, beta, ...).")],
+    cmd: Annotated[list[str], typer.Argument(help="The command, after --.")],
+    name: LabNameOpt = "wgxlab",
+) -> None:
+    """Run a command on a lab host (its netns and its private /run/wireguard).
+
+    Example: [bold]wgx lab exec alpha -- wg show[/bold]  or  [bold]wgx lab exec beta -- iperf3 -s
+    [/bold]
+    """
+    from wgx.lab import lab as labmod
+
+    try:
+        argv = labmod.exec_argv(labmod.LabState.load(name), host, cmd)
+    except labmod.LabError as e:
+        raise _fail(str(e)) from None
+    os.environ["PATH"] = labmod.environment()["PATH"]
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)
+
+
+app.add_typer(lab_app, name="lab")
+
+
+bench_app = typer.Typer(help="Benchmarks: wgx against wireguard-go and the bare wire.",
+                        rich_markup_mode="rich")
+
+
+@bench_app.callback(invoke_without_command=True)
+def bench(
+    ctx: typer.Context,
+    quick: Annotated[bool, typer.Option(
+        help="2 s samples, 1 repetition, 3 UDP steps: under 2 minutes.")] = False,
+    duration: Annotated[float | None, typer.Option(help="Seconds per sample (default 10).")]
+    = None,
+    repeat: Annotated[int | None, typer.Option(help="Repetitions; medians (default 3).")]
+    = None,
+    paths: Annotated[str, typer.Option(
+        help="Comma-separated: wgx-xdp, wgx-socket, wireguard-go, underlay.")]
+    = "wgx-xdp,wgx-socket,wireguard-go,underlay",
+    tests: Annotated[str, typer.Option(
+        help="Comma-separated: tcp1, tcp4, udp1372, udp64, ping, tcp1_junk.")]
+    = "tcp1,tcp4,udp1372,udp64,ping,tcp1_junk",
+    out: Annotated[str | None, typer.Option(
+        help="Output directory (default ./bench-results/TIMESTAMP).")] = None,
+    junk_pps: Annotated[int, typer.Option(help="Junk datagrams per second.")] = 50_000,
+) -> None:
+    """Build a 2-host lab per path and compare them side by side, interleaved.
+
+    iperf3 TCP (1 and 4 streams), UDP 1372 B and 64 B (highest rate with <= 1% loss),
+    ping RTT p50/p99, TCP under a junk flood; CPU-s per GB and peak RSS/PSS of the
+    dataplane processes of both ends; samples disturbed by other load are repeated
+    and flagged. Writes results.json, report.md, throughput.png and latency.png.
+
+    Example: [bold]wgx bench --quick[/bold]  or  [bold]wgx bench crypto[/bold]
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from pathlib import Path
+
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from wgx.lab import bench as benchmod
+    from wgx.lab import report
+    from wgx.lab.proc import LabError
+
+    kw = dict(duration=duration, repeat=repeat, junk_pps=junk_pps,
+              paths=[p.strip() for p in paths.split(",") if p.strip()],
+              tests=[t.strip() for t in tests.split(",") if t.strip()])
+    if quick:
+        cfg = benchmod.BenchConfig.quick_config(**kw)
+    else:
+        cfg = benchmod.BenchConfig(**{k: v for k, v in kw.items() if v is not None})
+    if os.geteuid() != 0:
+        raise _fail("wgx bench needs root (it builds network namespaces)")
+    out_dir = Path(out) if out else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+    err = Console(stderr=True)
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                        console=err, transient=False)
+    task = progress.add_task("building labs", total=None)
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "setup":
+            progress.update(task, description=f"building lab: {data['path']}")
+        elif kind == "setup_done" and not data["available"]:
+            progress.console.print(f"[yellow]{data['path']} unavailable:[/] {data['reason']}")
+        elif kind == "start":
+            progress.update(task, total=data["total"], completed=0)
+        elif kind == "sample":
+            progress.update(task, description=f"rep {data['rep']} {data['test']:<9} "
+                                              f"{data['path']}")
+        elif kind == "sample_done":
+            progress.advance(task)
+        elif kind == "retry":
+            progress.console.print(
+                f"[yellow]disturbed[/] {data['path']} {data['test']}: foreign CPU "
+                f"{data['foreign']:.2f}s > {data['limit']:.2f}s, repeating")
+        elif kind == "disturbed":
+            progress.console.print(f"[red]flagged[/] {data['path']} {data['test']}: still "
+                                   f"disturbed ({data['foreign']:.2f}s foreign CPU)")
+        elif kind == "phase":
+            progress.update(task, description=data["text"])
+
+    try:
+        runner = benchmod.Bench(cfg, on_event)
+        with progress:
+            results = runner.run()
+    except LabError as e:
+        raise _fail(str(e)) from None
+    files = benchmod.write_outputs(results, out_dir, report.markdown_table(results))
+    Console().print(report.rich_table(results))
+    for p, info in results["paths"].items():
+        if not info["available"]:
+            typer.echo(f"{p}: unavailable: {info['reason']}", err=True)
+    typer.echo(f"results in {out_dir}/ ({', '.join(f.name for f in files.values())}); "
+               f"{results['elapsed_s']} s", err=True)
+
+
+@bench_app.command("crypto")
+def bench_crypto(
+    seconds: Annotated[float, typer.Option(help="Seconds per measurement point.")] = 0.5,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """In-process crypto microbenchmark: the worker's batch path against the bare AEAD loop.
+
+    Decrypt/encrypt packets per second at 64, 512 and 1420 B through the worker's own
+    code (stub rings, no sockets), the `cryptography` ChaCha20-Poly1305 ceiling, their
+    ratio, and handshakes per second (initiation + response).
+
+    Example: [bold]wgx bench crypto --json[/bold]
+    """
+    from rich.table import Table
+
+    from wgx.lab import cryptobench, report
+
+    if not (0.01 <= seconds <= 60):
+        raise _fail("--seconds: use 0.01 to 60", 2)
+    res = cryptobench.run(seconds)
+    if json_out:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    table = Table("size", "worker decrypt kpps", "ceiling kpps", "ratio",
+                  "worker encrypt kpps", "ceiling kpps", "ratio",
+                  title=f"wgx bench crypto (mode: {res['mode']}, cryptography "
+                        f"{res['cryptography']})")
+    for row in report.crypto_rows(res):
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    if res["mode_reason"]:
+        console.print(f"[yellow]replica mode:[/] {res['mode_reason']}")
+    hs = res["handshakes_per_s"]
+    console.print(f"handshakes/s (initiation + response + consumption): engine "
+                  f"{hs['engine']:.0f}, bare noise {hs['noise']:.0f}")
+
+
+app.add_typer(bench_app, name="bench")

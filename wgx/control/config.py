@@ -84,6 +84,7 @@ _TABLE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _DNS_IS_SERVER = re.compile(r"^[0-9.]+$|:")  # wg-quick: (^[0-9.]+$)|(^.*:.*$)
 _LIST_SPLIT = re.compile(r"[, \t]+")  # ${value//,/ } then IFS word splitting
 _SECRET = {"secret": True}
+_KEYLIKE = re.compile(r"[A-Za-z0-9+/]{20,}={0,2}")
 
 # Curve25519 points of small order (libsodium's has_small_order() blacklist): 0, 1, the
 # two points of order 8, p-1, p and p+1. X25519 ignores bit 255, so it is masked off
@@ -213,14 +214,13 @@ _PEER_NO_KEY = b""  # placeholder until the section's PublicKey line
 
 
 def _shown(text: str) -> str:
-    """What an error may repeat of a malformed key: its leading word, cut short.
+    """`text` with anything that looks like key material replaced.
 
-    `PrivateKey: <base64>` has no `=` before the key material, so the whole line
-    would otherwise come back in the message; secrets must never be echoed.
+    `PrivateKey: <base64>` has no `=` before the key, so a message that repeats
+    the malformed key name would otherwise echo the secret; runs of 20 or more
+    base64 characters never appear in an error message.
     """
-    m = re.match(r"[A-Za-z][A-Za-z0-9_]{0,23}", text)
-    word = m.group(0) if m else ""
-    return word if word == text else f"{word}…"
+    return _KEYLIKE.sub("<redacted>", text)
 
 
 def _squash(s: str) -> str:

@@ -39,14 +39,44 @@ def run(cmd: Sequence[str], *, check: bool = True, timeout: float = DEFAULT_TIME
         cp = subprocess.run(list(cmd), input=input, capture_output=True, text=True,
                             timeout=timeout, env=dict(env) if env is not None else None)
     except subprocess.TimeoutExpired as e:
-        raise LabError(f"timed out after {timeout:g}s: {' '.join(cmd)}\n"
-                       f"{_tail(str(e.stderr or ''))}") from None
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) \
+            else str(e.stderr or "")
+        raise LabError(f"timed out after {timeout:g}s: {' '.join(cmd)}\n{_tail(err)}") from None
     except FileNotFoundError:
         raise LabError(f"command not found: {cmd[0]}") from None
     if check and cp.returncode != 0:
         raise LabError(f"command failed (rc={cp.returncode}): {' '.join(cmd)}\n"
                        f"{_tail(cp.stderr.strip() or cp.stdout.strip())}")
     return cp
+
+
+def run_logged(cmd: Sequence[str], log_path: str | os.PathLike[str], *,
+               timeout: float = DEFAULT_TIMEOUT, env: Mapping[str, str] | None = None) -> None:
+    """Run `cmd` with its output appended to a file, not a pipe.
+
+    Daemons started by `cmd` (wireguard-go keeps its stdio when LOG_LEVEL is
+    set) may hold on to their output: a pipe would never reach EOF.
+    """
+    with open(log_path, "ab") as log:
+        try:
+            proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT,
+                                    env=dict(env) if env is not None else None)
+        except FileNotFoundError:
+            raise LabError(f"command not found: {cmd[0]}") from None
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = None
+    if rc != 0:
+        try:
+            text = Path(log_path).read_text(errors="replace")
+        except OSError:
+            text = ""
+        what = f"timed out after {timeout:g}s" if rc is None else f"failed (rc={rc})"
+        raise LabError(f"command {what}: {' '.join(cmd)}\n{_tail(text)}")
 
 
 def wait_until(pred, timeout: float = 5.0, interval: float = 0.05, what: str = "condition"):
@@ -174,12 +204,17 @@ def foreign_ticks(lab_inodes: Iterable[int], exclude: Iterable[int] = ()) -> dic
 
 def foreign_seconds(before: Mapping[int, int], after: Mapping[int, int]) -> float:
     """CPU-seconds burnt between two foreign_ticks() snapshots (new processes count whole)."""
-    total = 0
+    return sum(foreign_deltas(before, after).values())
+
+
+def foreign_deltas(before: Mapping[int, int], after: Mapping[int, int]) -> dict[int, float]:
+    """{pid: CPU-seconds} burnt between two foreign_ticks() snapshots, busiest first."""
+    out = {}
     for pid, t in after.items():
         d = t - before.get(pid, 0)
         if d > 0:
-            total += d
-    return total / HZ
+            out[pid] = d / HZ
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def memory_kb(pid: int) -> tuple[int, int] | None:

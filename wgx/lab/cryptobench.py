@@ -1,0 +1,410 @@
+"""`wgx bench crypto`: the worker's batch crypto path against the bare AEAD ceiling.
+
+In one process, no sockets:
+
+* worker RX: `Worker.rx()` of wgx/dataplane/worker.py itself, on batches of
+  256 transport messages laid out in a fake UMEM (Ethernet/IPv4/UDP/WireGuard
+  frames) -- batch header parse, keypair lookup, in-place `decrypt_into`,
+  the shared replay window, the allowed-IPs source check, the TUN hand-off
+  (a counting stub);
+* worker TX: `Worker.tx()` on batches of 64 plaintext packets from a stub
+  TUN -- allowed-IPs lookup, counter reservation, the header template,
+  in-place `encrypt_into` into UMEM frames, the TX ring (a stub);
+* ceiling: the bare `cryptography` ChaCha20Poly1305 `decrypt_into` /
+  `encrypt_into` loop over the same sizes with precomputed nonces -- what
+  any Python dataplane pays at least per packet.
+
+If the worker's internals changed so that it cannot be driven with the stubs,
+the "replica" mode times the same per-packet calls the worker makes (nonce
+build, in-place `decrypt_into`/`encrypt_into` on a numpy buffer) and says so.
+
+Handshakes per second: initiation + response + its consumption, both through
+two `wgx.protocol.engine.Engine`s (the daemon's code path: MACs, cookies,
+timers, index table) and through bare `wgx.protocol.noise`.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+SIZES = (64, 512, 1420)
+MTU = 1420
+FRAME = 2048
+HDR = 14 + 20 + 8  # Ethernet + IPv4 + UDP in front of the WireGuard message
+_NONCE0 = b"\x00" * 4
+
+
+def _inner_packet(size: int, src: str = "10.99.0.2", dst: str = "10.99.0.1") -> bytes:
+    """An IPv4/UDP packet of exactly `size` bytes (>= 28)."""
+    import socket
+
+    body = os.urandom(size - 28)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, size, 0, 0x4000, 64, 17, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    udp = struct.pack("!HHHH", 9, 9, size - 20, 0)
+    return ip + udp + body
+
+
+# ------------------------------------------------------------------- stubs
+
+
+class _Umem:
+    def __init__(self, frames: int) -> None:
+        self.buf = np.zeros(frames * FRAME, dtype=np.uint8)
+        self._mv = memoryview(self.buf)
+        self._free = list(range(0, frames * FRAME, FRAME))
+
+    def alloc(self, n: int) -> np.ndarray:
+        got, self._free = self._free[:n], self._free[n:]
+        return np.array(got, dtype=np.uint64)
+
+    def free(self, addrs: Any) -> None:
+        self._free.extend(int(a) for a in addrs)
+
+
+class _Xsk:
+    def __init__(self) -> None:
+        self.rx: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.uint64), np.zeros(0, np.uint32))
+        self.done: list[int] = []
+        self.sent = 0
+
+    def rx_peek(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        a, ln = self.rx
+        return a[:n], ln[:n]
+
+    def rx_release(self, n: int) -> None:
+        pass
+
+    def fill(self, addrs: Any) -> None:
+        pass
+
+    def tx_submit(self, addrs: np.ndarray, lens: np.ndarray) -> int:
+        self.done.extend(int(a) for a in addrs)
+        self.sent += len(addrs)
+        return len(addrs)
+
+    def kick(self) -> None:
+        pass
+
+    def complete(self) -> np.ndarray:
+        done, self.done = self.done, []
+        return np.array(done, dtype=np.uint64)
+
+
+class _Tun:
+    vnet_hdr = False
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.batch: list[bytes] = []
+
+    def write(self, packet: Any) -> None:
+        self.written += 1
+
+    def read_batch(self, n: int) -> list[bytes]:
+        return self.batch[:n]
+
+
+class _NextHops:
+    def __init__(self, tpl: Any) -> None:
+        self.tpl = tpl
+
+    def header(self, endpoint: Any, now: float | None = None) -> Any:
+        return self.tpl
+
+
+# ------------------------------------------------------------------ worker path
+
+
+def _make_worker(rx_key: bytes, tx_key: bytes) -> tuple[Any, Any]:
+    """A real `Worker` whose sockets, rings and TUN are stubs; returns (worker, keypair)."""
+    import ipaddress
+    import socket
+
+    from wgx.dataplane.nexthop import Template
+    from wgx.dataplane.sessions import SessionSlots
+    from wgx.dataplane.worker import WKeypair, Worker, WorkerSpec, WPeer
+    from wgx.protocol.allowedips import AllowedIPs
+
+    w = object.__new__(Worker)
+    w.spec = WorkerSpec(0, "stub0", 0, "stub0", 51820, MTU, 180.0, 2**60)
+    w.slots = SessionSlots(8)
+    w.running = True
+    w.stats = Counter()
+    slot = w.slots.allocate()
+    kp = WKeypair(local_index=0x11223344, slot=slot, peer_id=1,
+                  receiver=ChaCha20Poly1305(rx_key), sender=ChaCha20Poly1305(tx_key),
+                  remote_index=0x55667788, created=time.monotonic(), initiator=True,
+                  confirmed=True, window=w.slots.window(slot))
+    w.keypairs = {kp.local_index: kp}
+    w.peers = {1: WPeer(1, endpoint=("198.18.0.2", 51820), current=kp)}
+    allowed: AllowedIPs[int] = AllowedIPs()
+    allowed.insert(ipaddress.ip_network("10.99.0.0/24"), 1)
+    w.allowed = allowed
+    w.umem = _Umem(1024)
+    w.xsk = _Xsk()
+    w.tun = _Tun()
+    w._arena = None
+    w._rx_out = []
+    w.nexthops = _NextHops(Template(b"\x02" * 6, b"\x02\x00\x00\x00\x00\x01",
+                                    socket.inet_aton("198.18.0.1"),
+                                    socket.inet_aton("198.18.0.2"), 51820, 51820))
+    w.raw4 = w.raw6 = None
+    w.link_mtu = 1500
+    w._stage = []
+    w._confirm = []
+    return w, kp
+
+
+def _rx_frames(w: Any, kp: Any, key: bytes, size: int, n: int) -> tuple[np.ndarray, ...]:
+    """Lay out n encrypted transport frames in the worker's UMEM; returns (addrs, lens, copy)."""
+    from wgx.protocol.messages import padded_len
+
+    aead = ChaCha20Poly1305(key)
+    packet = _inner_packet(size)
+    plen = padded_len(size, MTU)
+    plain = packet + bytes(plen - size)
+    addrs, lens = [], []
+    for i in range(n):
+        a = i * FRAME
+        sealed = aead.encrypt(_NONCE0 + i.to_bytes(8, "little"), plain, None)
+        msg = struct.pack("<IIQ", 4, kp.local_index, i) + sealed
+        eth = b"\x02" * 12 + b"\x08\x00"
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + len(msg), 0, 0x4000, 64, 17, 0,
+                         b"\xc6\x12\x00\x02", b"\xc6\x12\x00\x01")
+        udp = struct.pack("!HHHH", 51820, 51820, 8 + len(msg), 0)
+        frame = eth + ip + udp + msg
+        w.umem.buf[a : a + len(frame)] = np.frombuffer(frame, dtype=np.uint8)
+        addrs.append(a)
+        lens.append(len(frame))
+    return (np.array(addrs, dtype=np.uint64), np.array(lens, dtype=np.uint32),
+            w.umem.buf[: n * FRAME].copy())
+
+
+def _worker_rx_rate(size: int, seconds: float) -> float:
+    from wgx.dataplane.worker import RX_BATCH
+
+    key = os.urandom(32)
+    w, kp = _make_worker(key, os.urandom(32))
+    addrs, lens, pristine = _rx_frames(w, kp, key, size, RX_BATCH)
+    w.xsk.rx = (addrs, lens)
+    spent, packets, deadline = 0.0, 0, time.monotonic() + seconds
+    while time.monotonic() < deadline or packets == 0:
+        # fresh ciphertext and a fresh replay window for every batch (outside the clock)
+        w.umem.buf[: len(pristine)] = pristine
+        kp.slot = w.slots.allocate()
+        kp.window = w.slots.window(kp.slot)
+        before = w.tun.written
+        t0 = time.perf_counter()
+        w.rx()
+        spent += time.perf_counter() - t0
+        got = w.tun.written - before
+        if got != len(addrs):
+            raise RuntimeError(f"worker rx delivered {got}/{len(addrs)} packets: "
+                               f"{dict(w.stats)}")
+        packets += got
+    return packets / spent
+
+
+def _worker_tx_rate(size: int, seconds: float) -> float:
+    from wgx.dataplane.worker import TX_BATCH
+
+    w, _kp = _make_worker(os.urandom(32), os.urandom(32))
+    w.tun.batch = [_inner_packet(size, src="10.99.0.1", dst="10.99.0.2")] * TX_BATCH
+    spent, packets, deadline = 0.0, 0, time.monotonic() + seconds
+    while time.monotonic() < deadline or packets == 0:
+        before = w.xsk.sent
+        t0 = time.perf_counter()
+        w.tx()
+        spent += time.perf_counter() - t0
+        got = w.xsk.sent - before
+        if got != TX_BATCH:
+            raise RuntimeError(f"worker tx sent {got}/{TX_BATCH} packets: {dict(w.stats)}")
+        packets += got
+    return packets / spent
+
+
+# ----------------------------------------------------------------- replica path
+
+
+def _replica_rates(size: int, seconds: float) -> tuple[float, float]:
+    """The worker's per-packet calls alone: nonce build + in-place AEAD on a numpy buffer."""
+    from wgx.protocol.messages import padded_len
+
+    key = os.urandom(32)
+    aead = ChaCha20Poly1305(key)
+    plen = padded_len(size, MTU)
+    n = 256
+    buf = np.zeros(n * FRAME, dtype=np.uint8)
+    mv = memoryview(buf)
+    plain = _inner_packet(size) + bytes(plen - size)
+    for i in range(n):
+        sealed = aead.encrypt(_NONCE0 + i.to_bytes(8, "little"), plain, None)
+        buf[i * FRAME + HDR + 16 : i * FRAME + HDR + 16 + len(sealed)] = np.frombuffer(
+            sealed, np.uint8)
+    pristine = buf.copy()
+    spent, packets, deadline = 0.0, 0, time.monotonic() + seconds
+    while time.monotonic() < deadline or packets == 0:
+        buf[:] = pristine
+        t0 = time.perf_counter()
+        for i in range(n):
+            start = i * FRAME + HDR + 16
+            body = mv[start : start + plen + 16]
+            aead.decrypt_into(_NONCE0 + i.to_bytes(8, "little"), body, None, body[:-16])
+        spent += time.perf_counter() - t0
+        packets += n
+    rx = packets / spent
+    spent, packets, deadline = 0.0, 0, time.monotonic() + seconds
+    counter = 0
+    while time.monotonic() < deadline or packets == 0:
+        t0 = time.perf_counter()
+        for i in range(n):
+            start = i * FRAME + HDR + 16
+            frame = mv[start : start + plen + 16]
+            frame[:plen] = plain
+            aead.encrypt_into(_NONCE0 + counter.to_bytes(8, "little"), frame[:plen], None,
+                              frame)
+            counter += 1
+        spent += time.perf_counter() - t0
+        packets += n
+    return rx, packets / spent
+
+
+# ---------------------------------------------------------------------- ceiling
+
+
+def _ceiling_rates(size: int, seconds: float) -> tuple[float, float]:
+    """Bare decrypt_into / encrypt_into loops with precomputed nonces and buffers."""
+    from wgx.protocol.messages import padded_len
+
+    aead = ChaCha20Poly1305(os.urandom(32))
+    plen = padded_len(size, MTU)
+    n = 256
+    nonces = [_NONCE0 + i.to_bytes(8, "little") for i in range(n)]
+    plain = bytearray(_inner_packet(size) + bytes(plen - size))
+    cts = [bytearray(aead.encrypt(nc, bytes(plain), None)) for nc in nonces]
+    out = bytearray(plen)
+    sealed = bytearray(plen + 16)
+    dec = aead.decrypt_into
+    enc = aead.encrypt_into
+
+    def loop(fn: Callable[[], None]) -> float:
+        spent, packets, deadline = 0.0, 0, time.monotonic() + seconds
+        while time.monotonic() < deadline or packets == 0:
+            t0 = time.perf_counter()
+            fn()
+            spent += time.perf_counter() - t0
+            packets += n
+        return packets / spent
+
+    def rx() -> None:
+        for nc, ct in zip(nonces, cts, strict=True):
+            dec(nc, ct, None, out)
+
+    def tx() -> None:
+        for nc in nonces:
+            enc(nc, plain, None, sealed)
+
+    return loop(rx), loop(tx)
+
+
+# ------------------------------------------------------------------- handshakes
+
+
+def _engine_handshakes(seconds: float) -> float:
+    from wgx.protocol.crypto import generate_private_key, public_key
+    from wgx.protocol.engine import Engine
+
+    ka, kb = generate_private_key(), generate_private_key()
+    a, b = Engine(ka), Engine(kb)
+    pa, pb = a.add_peer(public_key(kb)), b.add_peer(public_key(ka))
+    pa.endpoint, pb.endpoint = ("198.18.0.2", 51820), ("198.18.0.1", 51820)
+    now, done, spent, last = 1000.0, 0, 0.0, None
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline or done == 0:
+        now += 10.0  # past every rate limit and the TAI64N whitening
+        a.datagrams.clear()
+        b.datagrams.clear()
+        t0 = time.perf_counter()
+        a.initiate_handshake(pa, now)
+        init = a.datagrams[0][0]
+        b.receive_datagram(init, ("198.18.0.1", 51820), now)
+        resp = b.datagrams[0][0]
+        a.receive_datagram(resp, ("198.18.0.2", 51820), now)
+        spent += time.perf_counter() - t0
+        if pa.current is None or pa.current is last:
+            raise RuntimeError(f"handshake did not complete: {dict(a.drops)} {dict(b.drops)}")
+        last = pa.current
+        done += 1
+    return done / spent
+
+
+def _noise_handshakes(seconds: float) -> float:
+    from wgx.protocol import noise
+    from wgx.protocol.crypto import generate_private_key, public_key
+
+    ka, kb = generate_private_key(), generate_private_key()
+    pub_b = public_key(kb)
+    psk = bytes(32)
+    done, spent = 0, 0.0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline or done == 0:
+        ea, eb = generate_private_key(), generate_private_key()
+        t0 = time.perf_counter()
+        e, s, p, st_a = noise.create_initiation(ka, pub_b, ea, b"\0" * 12)
+        _, st_b = noise.consume_initiation(kb, e, s, p)
+        e2, p2, _keys_b = noise.create_response(st_b, eb, psk)
+        noise.consume_response(st_a, ka, e2, p2, psk)
+        spent += time.perf_counter() - t0
+        done += 1
+    return done / spent
+
+
+# -------------------------------------------------------------------------- run
+
+
+def run(seconds: float = 0.5, sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
+    """Measure everything; returns the JSON-able result (rates in packets/s)."""
+    mode = "worker"
+    reason = None
+    try:
+        _worker_rx_rate(64, 0.01)
+        _worker_tx_rate(64, 0.01)
+    except Exception as e:  # the stubs no longer fit the worker: time its calls instead
+        mode, reason = "replica", f"{type(e).__name__}: {e}"
+    rows = []
+    for size in sizes:
+        if mode == "worker":
+            rx, tx = _worker_rx_rate(size, seconds), _worker_tx_rate(size, seconds)
+        else:
+            rx, tx = _replica_rates(size, seconds)
+        c_rx, c_tx = _ceiling_rates(size, seconds)
+        rows.append({
+            "size": size,
+            "decrypt_pps": rx, "decrypt_ceiling_pps": c_rx, "decrypt_ratio": rx / c_rx,
+            "encrypt_pps": tx, "encrypt_ceiling_pps": c_tx, "encrypt_ratio": tx / c_tx,
+            "decrypt_gbps": rx * size * 8 / 1e9, "encrypt_gbps": tx * size * 8 / 1e9,
+        })
+    import cryptography
+
+    return {
+        "schema": "wgx-bench-crypto/1",
+        "mode": mode,
+        "mode_reason": reason,
+        "seconds_per_point": seconds,
+        "batch": {"rx": 256, "tx": 64},
+        "cryptography": cryptography.__version__,
+        "sizes": rows,
+        "handshakes_per_s": {
+            "engine": _engine_handshakes(seconds),
+            "noise": _noise_handshakes(seconds),
+        },
+    }
