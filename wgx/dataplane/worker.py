@@ -45,7 +45,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from wgx.protocol.allowedips import AllowedIPs
-from wgx.protocol.messages import padded_len
+from wgx.protocol.messages import inner_packet_length, padded_len
 
 from . import offload
 from .nexthop import HEADER_LEN, NextHops
@@ -258,20 +258,11 @@ class Worker:
         self.xsk.fill(addrs)
 
     def _deliver(self, peer: WPeer, plain: memoryview) -> None:
-        n = len(plain)
-        if n == 0:
+        if not len(plain):
             peer.rx_keepalive += 1
             return
-        version = plain[0] >> 4
-        if version == 4 and n >= 20:
-            length = (plain[2] << 8) | plain[3]
-            good = 20 <= length <= n
-        elif version == 6 and n >= 40:
-            length = 40 + ((plain[4] << 8) | plain[5])
-            good = length <= n
-        else:
-            good = False
-        if not good:
+        length = inner_packet_length(plain)
+        if not length:
             self.stats["drop_bad_inner"] += 1
             return
         packet = plain[:length]

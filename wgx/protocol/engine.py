@@ -38,6 +38,7 @@ from .messages import (
     CookieReply,
     Initiation,
     Response,
+    inner_packet_length,
     message_type,
     padded_len,
 )
@@ -471,20 +472,11 @@ class Engine:
         # Kernel wg_timers_data_received() runs for every authenticated non-keepalive
         # packet, before the inner header and source checks.
         self._data_received(peer, now)
-        version = plain[0] >> 4
-        n = len(plain)
-        if version == 4 and n >= 20:
-            length = (plain[2] << 8) | plain[3]
-            ok = 20 <= length <= n
-        elif version == 6 and n >= 40:
-            length = 40 + ((plain[4] << 8) | plain[5])
-            ok = length <= n
-        else:
-            ok = False
-        if not ok:
+        length = inner_packet_length(plain)
+        if not length:
             self.drops["bad_inner_packet"] += 1
             return
-        packet = plain[:length] if length < n else plain
+        packet = plain[:length] if length < len(plain) else plain
         if self.allowed.lookup_packet_src(packet) is not peer:
             self.drops["allowedips_source"] += 1
             return

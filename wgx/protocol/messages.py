@@ -129,6 +129,23 @@ def padded_len(n: int, mtu: int) -> int:
     return p
 
 
+def inner_packet_length(plain: bytes | memoryview) -> int:
+    """Length of the IP packet at the start of a decrypted payload, 0 if it is not one.
+
+    The rest of the payload is padding; a payload shorter than its IP header says
+    is not a packet.
+    """
+    n = len(plain)
+    version = plain[0] >> 4 if n else 0
+    if version == 4 and n >= 20:
+        length = (plain[2] << 8) | plain[3]
+        return length if 20 <= length <= n else 0
+    if version == 6 and n >= 40:
+        length = 40 + ((plain[4] << 8) | plain[5])
+        return length if length <= n else 0
+    return 0
+
+
 def _check(data: bytes, mtype: int, length: int) -> None:
     if len(data) != length or data[0] != mtype or any(data[1:4]):
         raise MessageError(f"not a type {mtype} message of {length} bytes")
