@@ -323,3 +323,24 @@ def test_failing_postup_hook_rolls_back(lab: netlab.Lab) -> None:
     with NetConf(h.name) as nc:
         assert nc.link_index("wgf0") is None
     assert netlab.wait_until(lambda: not h.socket_path("wgf0").exists(), timeout=5)
+
+
+def test_allowed_ips_equal_to_the_address_route(lab: netlab.Lab) -> None:
+    """wg-quick skips an AllowedIPs route the device already has (its Address subnet)."""
+    h = lab.a
+    priv, _ = keypair(h)
+    _, pub = keypair(h)
+    conf = write_conf(h.dir / "wge0.conf", f"""
+        [Interface]
+        PrivateKey = {priv}
+        Address = 10.99.0.1/24
+
+        [Peer]
+        PublicKey = {pub}
+        AllowedIPs = 10.99.0.0/24
+    """)
+    cp = wgx(h, "up", str(conf), "--dataplane", "socket")
+    assert cp.returncode == 0, cp.stderr
+    with NetConf(h.name) as nc:
+        assert [str(n) for n in nc.routes("wge0")].count("10.99.0.0/24") == 1
+    assert wgx(h, "down", str(conf)).returncode == 0

@@ -444,9 +444,6 @@ def userspace_main() -> None:
     userspace_app()
 
 
-if __name__ == "__main__":
-    app()
-
 
 # --------------------------------------------------------------------------- lab and bench
 # (one block: the netns lab, `wgx bench` and `wgx bench crypto`; the logic lives in wgx.lab)
@@ -544,17 +541,21 @@ def lab_status(
     console.print(f"[bold]lab {st['name']}[/]: {len(st['hosts'])} hosts, {spec['queues']} "
                   f"queues, topology {spec['topology']}, dir {st['dir']}"
                   + ("" if st["complete"] else " [red](incomplete: run wgx lab down)[/]"))
-    table = Table("host", "netns", "impl", "dataplane", "underlay", "overlay", "pids", "peers")
+    table = Table("host", "impl", "underlay", "overlay", "processes", "peers")
     for h in st["hosts"]:
-        pids = ", ".join(f"{k} {','.join(map(str, v))}" for k, v in h["pids"].items() if v)
+        impl = h["impl"] + (f" ({h['dataplane']})" if h["impl"] == "wgx" else "")
+        if not h["netns_ok"]:
+            impl += "\n[red]netns gone[/]"
+        pids = "\n".join(f"{k} {','.join(map(str, v))}" for k, v in h["pids"].items() if v)
         peers = []
         for p in h["peers"]:
-            hs = _ago(p["latest_handshake"]) if p["latest_handshake"] else "no handshake"
-            peers.append(f"{p['endpoint']} {hs}, rx {_bytes(p['rx_bytes'])} "
-                         f"tx {_bytes(p['tx_bytes'])}")
-        table.add_row(h["host"], h["netns"] if h["netns_ok"] else f"[red]{h['netns']} (gone)[/]",
-                      h["impl"], str(h["dataplane"] or "-"), " ".join(h["underlay"]),
-                      " ".join(h["overlay"]) or "-", pids or "-", "\n".join(peers) or "-")
+            hs = _ago(p["latest_handshake"]).replace(" ago", "") \
+                if p["latest_handshake"] else "no handshake"
+            addr = (p["endpoint"] or "?").rsplit(":", 1)[0]
+            peers.append(f"{addr}: {hs}; {_bytes(p['rx_bytes'])} in, "
+                         f"{_bytes(p['tx_bytes'])} out")
+        table.add_row(h["host"], impl, h["underlay"][0], (h["overlay"] or ["-"])[0],
+                      pids or "-", "\n".join(peers) or "-")
     console.print(table)
 
 
@@ -717,3 +718,7 @@ def bench_crypto(
 
 
 app.add_typer(bench_app, name="bench")
+
+
+if __name__ == "__main__":
+    app()

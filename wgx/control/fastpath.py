@@ -12,7 +12,6 @@ engine. `stop()` stops the workers and detaches the program.
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
 import socket
@@ -23,6 +22,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from wgx.dataplane.netdev import rx_queues
 from wgx.dataplane.pool import WorkerPool
 from wgx.dataplane.sessions import SessionSlots, SharedKeypair
 from wgx.dataplane.worker import WorkerSpec
@@ -49,11 +49,6 @@ def underlay_for(endpoint: tuple[str, int]) -> str | None:
             return None
         oif = route.get_attr("RTA_OIF")
         return socket.if_indextoname(oif) if oif else None
-
-
-def rx_queues(ifname: str) -> int:
-    """Active RX queues of `ifname` (the sysfs queue directories track the real count)."""
-    return max(1, len(glob.glob(f"/sys/class/net/{ifname}/queues/rx-*")))
 
 
 class Loader:

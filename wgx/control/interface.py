@@ -277,10 +277,13 @@ class Interface:
                       key=lambda n: (n.version, -n.prefixlen, int(n.network_address)))
         policy_table = state.fwmark if self._wants_policy_routing() else None
         state.table = policy_table or table
+        # Like wg-quick: a prefix the device already has a route for (e.g. the
+        # connected route of an Address) is left as it is.
+        existing = set(nc.routes(self.name, table))
         for net in nets:
             if net.prefixlen == 0 and policy_table:
                 self._default_route(nc, state, net.version, policy_table)
-            else:
+            elif net not in existing:
                 nc.add_route(net, self.name, table)
 
     def _default_route(self, nc: NetConf, state: UpState, version: int, table: int) -> None:

@@ -16,11 +16,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import socket
 import struct
 from collections.abc import Callable
 
-from . import offload
+from . import netdev, offload
 
 TUNSETIFF = 0x400454CA
 TUNGETIFF = 0x800454D2
@@ -30,8 +29,6 @@ IFF_MULTI_QUEUE = 0x0100
 IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
 TUNSETQUEUE = 0x400454D9
-SIOCGIFMTU = 0x8921
-SIOCSIFMTU = 0x8922
 IFNAMSIZ = 16
 DEFAULT_MTU = 1420
 MAX_PACKET = 65535
@@ -46,7 +43,6 @@ class Tun:
         self.fd = fd
         self.name = name
         self.vnet_hdr = vnet_hdr
-        self._ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
     @classmethod
     def create(cls, name: str, multi_queue: bool = False, vnet_hdr: bool = False) -> Tun:
@@ -130,15 +126,10 @@ class Tun:
 
     def mtu(self) -> int | None:
         """The device MTU as seen from the namespace we were created in, or None if not there."""
-        try:
-            res = fcntl.ioctl(self._ctl, SIOCGIFMTU, struct.pack("16si12x", self.name.encode(), 0))
-        except OSError:
-            return None
-        return struct.unpack_from("16si", res)[1]
+        return netdev.get_mtu(self.name)
 
     def set_mtu(self, mtu: int) -> None:
-        fcntl.ioctl(self._ctl, SIOCSIFMTU, struct.pack("16si12x", self.name.encode(), mtu))
+        netdev.set_mtu(self.name, mtu)
 
     def close(self) -> None:
-        self._ctl.close()
         os.close(self.fd)

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from wgx.protocol.allowedips import AllowedIPs
 from wgx.protocol.messages import inner_packet_length, padded_len
 
-from . import offload
+from . import netdev, offload
 from .nexthop import HEADER_LEN, NextHops
 from .sessions import SessionSlots
 from .tun import Tun, TunGone
@@ -136,7 +136,7 @@ class Worker:
         self.raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
         self.raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP)
         self.raw6.setsockopt(socket.IPPROTO_IPV6, IPV6_CHECKSUM, 6)
-        self.link_mtu = _link_mtu(spec.ifname)
+        self.link_mtu = netdev.get_mtu(spec.ifname) or 1500
         self._stage: list[bytes] = []
         self._confirm: list[int] = []
 
@@ -447,14 +447,6 @@ def _source(buf: np.ndarray, a: int, l3: int, l4: int, v4: bool) -> tuple[str, i
     if v4:
         return socket.inet_ntop(socket.AF_INET, buf[l3 + 12 : l3 + 16].tobytes()), port
     return socket.inet_ntop(socket.AF_INET6, buf[l3 + 8 : l3 + 24].tobytes()), port
-
-
-def _link_mtu(ifname: str) -> int:
-    try:
-        with open(f"/sys/class/net/{ifname}/mtu") as f:
-            return int(f.read())
-    except OSError:
-        return 1500
 
 
 def worker_main(spec: WorkerSpec, slots: SessionSlots, cmd: Connection, report: Connection,
