@@ -140,32 +140,26 @@ class AllowedIPs(Generic[T]):
 
     def lookup_packet_dst(self, ip_packet: bytes | bytearray | memoryview) -> T | None:
         """Peer for an outgoing packet: LPM on the IP destination address."""
-        if not ip_packet:
-            return None
-        version = ip_packet[0] >> 4
-        if version == 4:
-            if len(ip_packet) < 20:
-                return None
-            return self._v4.lookup(int.from_bytes(ip_packet[16:20], "big"))
-        if version == 6:
-            if len(ip_packet) < 40:
-                return None
-            return self._v6.lookup(int.from_bytes(ip_packet[24:40], "big"))
-        return None
+        return self._lookup_packet(ip_packet, 16, 24)
 
     def lookup_packet_src(self, ip_packet: bytes | bytearray | memoryview) -> T | None:
         """Owner of a decrypted packet's source address (ingress source check)."""
+        return self._lookup_packet(ip_packet, 12, 8)
+
+    def _lookup_packet(self, ip_packet: bytes | bytearray | memoryview, v4_off: int,
+                       v6_off: int) -> T | None:
+        """LPM on the address at `v4_off` (IPv4) or `v6_off` (IPv6); None for non-IP."""
         if not ip_packet:
             return None
         version = ip_packet[0] >> 4
         if version == 4:
             if len(ip_packet) < 20:
                 return None
-            return self._v4.lookup(int.from_bytes(ip_packet[12:16], "big"))
+            return self._v4.lookup(int.from_bytes(ip_packet[v4_off : v4_off + 4], "big"))
         if version == 6:
             if len(ip_packet) < 40:
                 return None
-            return self._v6.lookup(int.from_bytes(ip_packet[8:24], "big"))
+            return self._v6.lookup(int.from_bytes(ip_packet[v6_off : v6_off + 16], "big"))
         return None
 
     # --- introspection --------------------------------------------------------------------
