@@ -1277,3 +1277,20 @@ def _drain(f: Any) -> str:
         return os.read(fd, 65536).decode(errors="replace") if r else ""
     except OSError:
         return ""
+
+
+def snapshot(netns: str) -> dict[str, Any]:
+    """Links, addresses, routes (all tables) and rules of a namespace, comparable."""
+    from wgx.control.netconf import NetConf
+
+    with NetConf(netns) as nc:
+        ipr = nc.ipr
+        return {
+            "links": sorted(m.get_attr("IFLA_IFNAME") for m in ipr.get_links()),
+            "addresses": sorted((m["index"], m.get_attr("IFA_ADDRESS"), m["prefixlen"])
+                                for m in ipr.get_addr()),
+            "routes": sorted((f, m.get_attr("RTA_TABLE"), m.get_attr("RTA_DST") or "",
+                              m["dst_len"], m.get_attr("RTA_OIF") or 0, m["type"])
+                             for f in (2, 10) for m in ipr.get_routes(family=f)),
+            "rules": {v: sorted(repr(sorted(r.items())) for r in nc.rules(v)) for v in (4, 6)},
+        }

@@ -76,21 +76,6 @@ def _out(*argv: str, stdin: str | None = None) -> str:
                           check=True, timeout=30).stdout.strip()
 
 
-def snapshot(netns: str) -> dict[str, Any]:
-    """Links, addresses, routes (all tables) and rules of a namespace, comparable."""
-    with NetConf(netns) as nc:
-        ipr = nc.ipr
-        return {
-            "links": sorted(m.get_attr("IFLA_IFNAME") for m in ipr.get_links()),
-            "addresses": sorted((m["index"], m.get_attr("IFA_ADDRESS"), m["prefixlen"])
-                                for m in ipr.get_addr()),
-            "routes": sorted((f, m.get_attr("RTA_TABLE"), m.get_attr("RTA_DST") or "",
-                              m["dst_len"], m.get_attr("RTA_OIF") or 0, m["type"])
-                             for f in (2, 10) for m in ipr.get_routes(family=f)),
-            "rules": {v: sorted(repr(sorted(r.items())) for r in nc.rules(v)) for v in (4, 6)},
-        }
-
-
 def _settled(netns: str) -> bool:
     """No IPv6 address still doing DAD (its local route would appear later)."""
     with NetConf(netns) as nc:
@@ -130,7 +115,7 @@ class Corpus:
         }
         self.secrets = [self.subst["@PRIV@"], self.subst["@PSK@"]]
         netlab.wait_until(lambda: _settled(self.host.name), timeout=10, what="IPv6 DAD")
-        self.baseline = snapshot(self.host.name)
+        self.baseline = netlab.snapshot(self.host.name)
 
     def render(self, src: Path, dst: Path) -> None:
         data = src.read_bytes()
@@ -263,7 +248,7 @@ def _leftovers(corpus: Corpus, iface: str) -> list[str]:
     with NetConf() as nc:  # read-only look: it must not have landed in the root netns
         if nc.link_index(iface) is not None:
             found.append(f"link {iface} in the root namespace")
-    now = snapshot(h.name)
+    now = netlab.snapshot(h.name)
     for key, before in corpus.baseline.items():
         if now[key] != before:
             found.append(f"{key} changed: {before} -> {now[key]}")

@@ -82,21 +82,6 @@ def write_conf(lab: netlab.Lab, h: netlab.Host, name: str = IFACE) -> Path:
     return conf
 
 
-def snapshot(netns: str) -> dict[str, Any]:
-    """Links, addresses, routes (all tables) and rules of a namespace, comparable."""
-    with NetConf(netns) as nc:
-        ipr = nc.ipr
-        return {
-            "links": sorted(m.get_attr("IFLA_IFNAME") for m in ipr.get_links()),
-            "addresses": sorted((m["index"], m.get_attr("IFA_ADDRESS"), m["prefixlen"])
-                                for m in ipr.get_addr()),
-            "routes": sorted((f, m.get_attr("RTA_TABLE"), m.get_attr("RTA_DST") or "",
-                              m["dst_len"], m.get_attr("RTA_OIF") or 0, m["type"])
-                             for f in (2, 10) for m in ipr.get_routes(family=f)),
-            "rules": {v: sorted(repr(sorted(r.items())) for r in nc.rules(v)) for v in (4, 6)},
-        }
-
-
 def settled(lab: netlab.Lab) -> dict[str, dict[str, Any]]:
     """Snapshots of both hosts once no IPv6 address is tentative any more."""
     def dad_done() -> bool:
@@ -108,12 +93,12 @@ def settled(lab: netlab.Lab) -> dict[str, dict[str, Any]]:
         return True
 
     netlab.wait_until(dad_done, timeout=10, what="IPv6 DAD on the underlay")
-    return {label: snapshot(h.name) for label, h in lab.hosts.items()}
+    return {label: netlab.snapshot(h.name) for label, h in lab.hosts.items()}
 
 
 def leftovers(h: netlab.Host, before: dict[str, Any], iface: str = IFACE) -> list[str]:
     found = []
-    now = snapshot(h.name)
+    now = netlab.snapshot(h.name)
     found += [f"{k} changed: {before[k]} -> {now[k]}" for k in before if now[k] != before[k]]
     if entries := sorted(os.listdir(h.uapi_dir)):
         found.append(f"files in the private UAPI dir: {entries}")

@@ -1043,16 +1043,8 @@ def test_inner_packet_that_is_not_ip_is_dropped() -> None:
 
 # libsodium has_small_order() (jedisct1/libsodium,
 # src/libsodium/crypto_scalarmult/curve25519/ref10/x25519_ref10.c):
-# 0, 1, two order-8 points, p-1, p, p+1.
-LOW_ORDER = [
-    bytes(32),
-    bytes([1]) + bytes(31),
-    bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
-    bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
-    bytes([0xEC]) + bytes([0xFF]) * 30 + bytes([0x7F]),
-    bytes([0xED]) + bytes([0xFF]) * 30 + bytes([0x7F]),
-    bytes([0xEE]) + bytes([0xFF]) * 30 + bytes([0x7F]),
-]
+# 0, 1, two order-8 points, p-1, p, p+1 -- the list lives in test_crypto.py.
+from test_crypto import LOW_ORDER  # noqa: E402  (one list of the published points)
 
 
 @pytest.mark.parametrize("key", LOW_ORDER + [k[:31] + bytes([k[31] | 0x80]) for k in LOW_ORDER])

@@ -42,6 +42,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from wgx.protocol.engine import ConfigError as EngineConfigError
+from wgx.protocol.engine import check_public_key
+
 __all__ = [
     "CONFIG_DIR",
     "Config",
@@ -85,21 +88,6 @@ _DNS_IS_SERVER = re.compile(r"^[0-9.]+$|:")  # wg-quick: (^[0-9.]+$)|(^.*:.*$)
 _LIST_SPLIT = re.compile(r"[, \t]+")  # ${value//,/ } then IFS word splitting
 _SECRET = {"secret": True}
 _KEYLIKE = re.compile(r"[A-Za-z0-9+/]{20,}={0,2}")
-
-# Curve25519 points of small order (libsodium's has_small_order() blacklist): 0, 1, the
-# two points of order 8, p-1, p and p+1. X25519 ignores bit 255, so it is masked off
-# before comparing, which also refuses the high-bit-set encodings of the same points.
-_P = 2**255 - 19
-_LOW_ORDER = frozenset({
-    0,
-    1,
-    325606250916557431795983626356110631294008115727848805560023387167927233504,
-    39382357235489614581723060781553021112529911719440698176882885853963445705823,
-    _P - 1,
-    _P,
-    _P + 1,
-})
-
 
 class ConfigError(ValueError):
     """A configuration problem at ``path:line``; line 0 means the file as a whole."""
@@ -244,8 +232,12 @@ def _decode_key(value: str) -> bytes | None:
 
 
 def is_low_order(public_key: bytes) -> bool:
-    """True if the 32-byte X25519 public key is a point of small order."""
-    return int.from_bytes(public_key, "little") & ~(1 << 255) in _LOW_ORDER
+    """True if the 32-byte X25519 public key is a point of small order (the engine's rule)."""
+    try:
+        check_public_key(public_key)
+    except EngineConfigError:
+        return True
+    return False
 
 
 def _parse_ip(text: str, allow_scope: bool = False) -> IPAddress | None:
