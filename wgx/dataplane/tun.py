@@ -18,6 +18,7 @@ import fcntl
 import os
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from . import netdev, offload
 
@@ -105,17 +106,17 @@ class Tun:
     def write(self, packet: bytes | memoryview) -> None:
         """Write one plain IP packet (an empty virtio-net header is added in vnet mode)."""
         if self.vnet_hdr:
-            self._write(lambda: os.writev(self.fd, (offload.VNET_ZERO, packet)))
+            self._write(os.writev, (offload.VNET_ZERO, packet))
         else:
-            self._write(lambda: os.write(self.fd, packet))
+            self._write(os.write, packet)
 
     def write_vnet(self, buf: bytes | memoryview) -> None:
         """Write a buffer that starts with its own virtio-net header (vnet mode only)."""
-        self._write(lambda: os.write(self.fd, buf))
+        self._write(os.write, buf)
 
-    def _write(self, op: Callable[[], int]) -> None:
+    def _write(self, op: Callable[[int, Any], int], data: Any) -> None:
         try:
-            op()
+            op(self.fd, data)
         except BlockingIOError:
             pass  # the kernel queue is full: drop, like a congested link
         except OSError as e:
