@@ -288,3 +288,39 @@ def test_against_reference_models(steps: list[tuple[str, int]]) -> None:
         assert w.check_and_update(c) == expect, c
         assert go.check(c) == expect, c
         assert w.greatest == (model.greatest or 0)
+
+
+_batch = st.one_of(
+    # consecutive runs (the fastest path), anywhere
+    st.tuples(st.integers(0, 3 * BITS_TOTAL), st.integers(1, 300)).map(
+        lambda t: list(range(t[0], t[0] + t[1]))),
+    # in-order runs (the fast path), possibly with gaps and far jumps
+    st.tuples(st.integers(0, 3 * BITS_TOTAL), st.lists(st.integers(1, 3 * BITS_TOTAL),
+                                                       min_size=1, max_size=40)).map(
+        lambda t: [t[0] + sum(t[1][:i]) for i in range(len(t[1]))]),
+    # anything: replays, reordering, duplicates inside the batch, values near the limit
+    st.lists(st.one_of(st.integers(0, 4 * BITS_TOTAL),
+                       st.integers(REJECT_AFTER_MESSAGES - 3, REJECT_AFTER_MESSAGES + 3)),
+             max_size=40),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_batch, min_size=1, max_size=6))
+def test_check_many_equals_sequential(batches: list[list[int]]) -> None:
+    fast, slow = ReplayWindow(), ReplayWindow()
+    for batch in batches:
+        assert fast.check_many(batch) == [slow.check_and_update(c) for c in batch]
+        assert fast._s == slow._s
+
+
+def test_check_many_fast_path_marks_and_recycles() -> None:
+    w = ReplayWindow()
+    assert w.check_many([0, 1, 2, 64]) == [True] * 4
+    assert w.check_many([1, 3, 64, 65]) == [False, True, False, True]
+    # a run that spans more than the ring: its oldest counters fall out of the window
+    run = [100 + 70 * i for i in range(200)]
+    assert w.check_many(run) == [True] * 200
+    assert not w.would_accept(run[0])
+    assert not w.check_and_update(run[-1])
+    assert w.check_and_update(run[-1] - 1)

@@ -681,7 +681,8 @@ def bench(
 
 @bench_app.command("crypto")
 def bench_crypto(
-    seconds: Annotated[float, typer.Option(help="Seconds per measurement point.")] = 0.5,
+    seconds: Annotated[float, typer.Option(
+        help="Seconds per measurement point, split into 5 alternating slices.")] = 1.0,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """In-process crypto microbenchmark: the worker's batch path against the bare AEAD loop.

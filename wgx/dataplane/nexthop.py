@@ -26,7 +26,7 @@ HEADER_LEN = 14 + 20 + 8
 
 
 class Template:
-    """A prebuilt Ethernet/IPv4/UDP header; `fill` patches lengths and the IP checksum."""
+    """A prebuilt Ethernet/IPv4/UDP header; `header` sets its lengths and IP checksum."""
 
     __slots__ = ("bytes", "partial")
 
@@ -38,16 +38,17 @@ class Template:
         words = struct.unpack("!10H", ip)
         self.partial = sum(words)  # IP header sum without total length
 
-    def fill(self, frame: memoryview, payload_len: int) -> None:
-        """Write the header into `frame` for a UDP payload of `payload_len` bytes."""
-        frame[:HEADER_LEN] = self.bytes
+    def header(self, payload_len: int) -> bytes:
+        """The header for a UDP payload of `payload_len` bytes (lengths and IP checksum set)."""
         total = 28 + payload_len
         s = self.partial + total
         s = (s & 0xFFFF) + (s >> 16)
         s = (s & 0xFFFF) + (s >> 16)
-        struct.pack_into("!H", frame, 16, total)
-        struct.pack_into("!H", frame, 24, ~s & 0xFFFF)
-        struct.pack_into("!H", frame, 38, payload_len + 8)
+        h = bytearray(self.bytes)
+        struct.pack_into("!H", h, 16, total)
+        struct.pack_into("!H", h, 24, ~s & 0xFFFF)
+        struct.pack_into("!H", h, 38, payload_len + 8)
+        return bytes(h)
 
 
 class NextHops:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import multiprocessing
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 
 from wgx.protocol.peer import Keypair
 from wgx.protocol.replay import STORAGE_LEN, ReplayWindow
@@ -82,10 +82,10 @@ class SessionSlots:
             self._q[i] = first + n
         return first
 
-    def accept(self, slot: int, window: ReplayWindow, counters: Iterable[int]) -> list[bool]:
+    def accept(self, slot: int, window: ReplayWindow, counters: Sequence[int]) -> list[bool]:
         """Check-and-mark a batch of authenticated counters in one lock round trip."""
         with self._held(slot):
-            return [window.check_and_update(c) for c in counters]
+            return window.check_many(counters)
 
 
 class SharedKeypair(Keypair):

@@ -3,14 +3,16 @@
 A worker owns one AF_XDP socket (on its queue of the XDP interface) and one
 queue of the multi-queue TUN device.
 
-RX: a batch of up to 256 frames from the RX ring; Ethernet/VLAN/IP/UDP/
-WireGuard headers are parsed for the batch (with numpy for large batches, with
-struct for the rest, which is cheaper below ~200 frames); per packet the
-keypair lookup and `decrypt_into` (in place, straight from the UMEM frame)
-run in Python; the batch's counters are checked and marked in the
-shared replay window in one lock round trip per keypair; the allowed-IPs
-source check follows; packets are written to the TUN queue and the frames go
-back to the fill ring in one step.
+RX: a batch of up to 256 frames from the RX ring. Each frame's headers are read
+with one `struct` call in the common layout (Ethernet, IPv4, UDP, WireGuard),
+which measures cheaper here than a numpy parse of the batch. Frames are grouped
+by receiver index (one group for the usual batch), and per group: one keypair
+lookup and expiry check, `decrypt_into` in place straight from the UMEM frame
+(the only per-packet Python left is this loop), the counters checked and marked
+in the shared replay window in one lock round trip (`ReplayWindow.check_many`,
+which takes an in-order run in one pass), and the allowed-IPs source check
+once per source address. Packets are written to the TUN queue and the frames
+go back to the fill ring in one step.
 
 TX: a batch read from the TUN queue; the peer per packet by allowed IPs; one
 counter range per peer and batch from the shared slot; the packet is padded
@@ -37,6 +39,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -46,7 +49,6 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from wgx.protocol.allowedips import AllowedIPs
-from wgx.protocol.messages import inner_packet_length, padded_len
 
 from . import netdev, offload
 from .nexthop import HEADER_LEN, NextHops
@@ -63,13 +65,21 @@ REPORT_INTERVAL = 0.05
 FRAME_SIZE = 2048
 FRAME_COUNT = 4096
 _NONCE0 = b"\x00\x00\x00\x00"
+_NONCE = struct.Struct("<4xQ")  # 32 zero bits, then the counter (little-endian)
 _ZEROS = bytes(16)
 _WG_HDR = struct.Struct("<IIQ")
 _IDX_CTR = struct.Struct("<IQ")
-# Header parsing: numpy costs ~85 us per call chain whatever the batch size, a
-# Python loop ~0.4 us per frame (measured here), so numpy only pays off for
-# batches of about 200 frames and more.
-NUMPY_PARSE_MIN = 192
+_WG_HEAD = struct.Struct("<II")  # message type, receiver index
+_COUNTER = struct.Struct("<Q")
+_INNER4 = struct.Struct("!BxH8x4s")  # IPv4 version/IHL, total length, source address
+_INNER6 = struct.Struct("!4xH2x16s")  # IPv6 payload length, source address
+# Header parsing: one struct call per frame for Ethernet + IPv4 (IHL 5) + UDP +
+# WireGuard: ethertype (read little-endian), version/IHL, receiver index, counter.
+# Measured here at 0.15 us per frame, it beats a numpy parse of the batch at
+# every batch size up to 256 (numpy: 0.4-0.6 us per frame at 256, far more below).
+_COMMON = struct.Struct("<12xHB31xIQ")
+_COMMON_MIN = 42 + 32  # link + IPv4 + UDP headers, then the smallest transport message
+_ETH_IPV4_LE = 0x0008
 IPV6_CHECKSUM = 7
 PR_SET_PDEATHSIG = 1
 
@@ -191,76 +201,123 @@ class Worker:
             return
         self.stats["rx_batches"] += 1
         self.stats["rx_packets"] += n
-        if n >= NUMPY_PARSE_MIN:
-            oks, wgs, ends, idxs, ctrs = _parse_numpy(self.umem.buf, addrs, lens)
-        else:
-            oks, wgs, ends, idxs, ctrs = _parse_scalar(self.umem._mv, addrs, lens)
-        mv = self.umem._mv
-        keypairs = self.keypairs
-        now = time.monotonic()
-        reject_time = self.spec.reject_after_time
-        reject_msgs = self.spec.reject_after_messages
-        groups: dict[int, list[tuple[int, int, int, int, int]]] = {}
-        for i, (o, start, end, index, counter) in enumerate(zip(
-                oks, wgs, ends, idxs, ctrs, strict=True)):
-            if not o:
-                self.stats["drop_malformed"] += 1
-                continue
-            kp = keypairs.get(index)
-            if kp is None:
-                self.stats["drop_unknown_index"] += 1
-                continue
-            if now - kp.created >= reject_time or counter >= reject_msgs:
-                self.stats["drop_expired"] += 1
-                continue
-            if not kp.window.would_accept(counter):
-                self.stats["drop_replay"] += 1
-                continue
-            body = mv[start + 16 : end]
-            try:
-                kp.receiver.decrypt_into(_NONCE0 + counter.to_bytes(8, "little"), body, None,
-                                         body[:-16])
-            except InvalidTag:
-                self.stats["drop_bad_tag"] += 1
-                continue
-            groups.setdefault(index, []).append((i, start + 16, end - 16, counter, end - start))
-        for index, items in groups.items():
-            kp = keypairs[index]
-            verdicts = self.slots.accept(kp.slot, kp.window, [it[3] for it in items])
-            peer = self.peers.setdefault(kp.peer_id, WPeer(kp.peer_id))
-            if not kp.confirmed:
-                kp.confirmed = True
-                peer.current = kp
-                self._confirm.append(index)
-            last_ok = -1
-            for it, fresh in zip(items, verdicts, strict=True):
-                if not fresh:
-                    self.stats["drop_replay"] += 1
-                    continue
-                last_ok = it[0]
-                peer.rx_bytes += it[4]
-                self._deliver(peer, mv[it[1] : it[2]])
-            if last_ok >= 0:
-                peer.rx_source = _source(mv, int(addrs[last_ok]))
+        oks, bodies, ends, idxs, ctrs = _parse_headers(self.umem._mv, addrs, lens)
+        for index, members in self._by_index(oks, idxs):
+            self._rx_keypair(index, members, bodies, ends, ctrs, addrs)
         if self._rx_out:
             self._write_tun()  # before the frames go back to the kernel
         self.xsk.rx_release(n)
         self.xsk.fill(addrs)
 
-    def _deliver(self, peer: WPeer, plain: memoryview) -> None:
-        if not len(plain):
-            peer.rx_keepalive += 1
+    def _by_index(self, oks: list[bool], idxs: list[int]) -> Iterable[tuple[int, Sequence[int]]]:
+        """The batch's well-formed frames grouped by receiver index, in arrival order."""
+        n = len(idxs)
+        if oks.count(True) == n and idxs.count(idxs[0]) == n:
+            return ((idxs[0], range(n)),)  # the usual batch: one session
+        groups: dict[int, list[int]] = {}
+        for i, (o, index) in enumerate(zip(oks, idxs, strict=True)):
+            if o:
+                groups.setdefault(index, []).append(i)
+        self.stats["drop_malformed"] += n - oks.count(True)
+        return groups.items()
+
+    def _rx_keypair(self, index: int, members: Sequence[int], bodies: list[int],
+                    ends: list[int], ctrs: list[int], addrs: np.ndarray) -> None:
+        """Decrypt, replay-check and deliver one keypair's frames of the batch.
+
+        Decryption comes before the replay check, as in the kernel: only an
+        authenticated counter may move the window (the XDP program already drops
+        counters far behind it).
+        """
+        stats = self.stats
+        kp = self.keypairs.get(index)
+        if kp is None:
+            stats["drop_unknown_index"] += len(members)
             return
-        length = inner_packet_length(plain)
-        if not length:
-            self.stats["drop_bad_inner"] += 1
+        if time.monotonic() - kp.created >= self.spec.reject_after_time:
+            stats["drop_expired"] += len(members)
             return
-        packet = plain[:length]
-        peer.rx_data += 1
-        if self.allowed.lookup_packet_src(packet) != peer.peer_id:
-            self.stats["drop_allowedips_source"] += 1
-            return
-        self._rx_out.append(packet)
+        limit = self.spec.reject_after_messages
+        if max(ctrs if len(members) == len(ctrs) else [ctrs[i] for i in members]) >= limit:
+            fresh = [i for i in members if ctrs[i] < limit]
+            stats["drop_expired"] += len(members) - len(fresh)
+            members = fresh
+            if not members:
+                return
+        mv = self.umem._mv
+        decrypt = kp.receiver.decrypt_into
+        nonce = _NONCE.pack
+        whole = len(members) == len(ctrs)
+        starts = [bodies[i] for i in members] if not whole else bodies
+        stops = [ends[i] for i in members] if not whole else ends
+        counters = [ctrs[i] for i in members] if not whole else ctrs
+        bad: list[int] = []
+        for k, (s, e, counter) in enumerate(zip(starts, stops, counters, strict=True)):
+            body = mv[s:e]
+            try:
+                decrypt(nonce(counter), body, None, body[:-16])
+            except InvalidTag:
+                bad.append(k)
+        if bad:
+            stats["drop_bad_tag"] += len(bad)
+            keep = set(range(len(starts))).difference(bad)
+            members = [members[k] for k in sorted(keep)]
+            starts, stops, counters = _pick(starts, keep), _pick(stops, keep), _pick(counters, keep)
+            if not members:
+                return
+        verdicts = self.slots.accept(kp.slot, kp.window, counters)
+        peer = self.peers.setdefault(kp.peer_id, WPeer(kp.peer_id))
+        if not kp.confirmed:
+            kp.confirmed = True
+            peer.current = kp
+            self._confirm.append(index)
+        fresh = verdicts.count(True)
+        if fresh < len(verdicts):
+            stats["drop_replay"] += len(verdicts) - fresh
+            keep = {k for k, ok in enumerate(verdicts) if ok}
+            members = [members[k] for k in sorted(keep)]
+            starts, stops = _pick(starts, keep), _pick(stops, keep)
+        if members:
+            peer.rx_bytes += sum(stops) - sum(starts) + 16 * len(starts)
+            peer.rx_source = _source(mv, int(addrs[members[-1]]))
+            self._deliver(peer, mv, starts, stops)
+
+    def _deliver(self, peer: WPeer, mv: memoryview, starts: list[int], stops: list[int]) -> None:
+        """Queue one peer's decrypted bodies `mv[start:stop]` (plaintext, then the tag) for
+        the TUN: keepalives counted, padding cut, and a packet whose source address is
+        not one of the peer's allowed IPs dropped (looked up once per source and batch)."""
+        stats = self.stats
+        out = self._rx_out
+        owner = self.allowed.lookup_packet_src
+        peer_id = peer.peer_id
+        verdicts: dict[bytes, bool] = {}
+        v4, v6 = _INNER4.unpack_from, _INNER6.unpack_from
+        data = 0
+        for s, e in zip(starts, stops, strict=True):
+            n = e - s - 16
+            # Reading 20 bytes is safe for a short payload too: its tag and frame follow.
+            vihl, length, src = v4(mv, s)
+            if vihl >> 4 != 4 or not 20 <= length <= n:
+                if not n:
+                    peer.rx_keepalive += 1
+                    continue
+                length = 0
+                if vihl >> 4 == 6 and n >= 40:
+                    payload, src = v6(mv, s)
+                    if payload + 40 <= n:
+                        length = payload + 40
+                if not length:
+                    stats["drop_bad_inner"] += 1
+                    continue
+            data += 1
+            ok = verdicts.get(src)
+            if ok is None:
+                ok = verdicts[src] = owner(mv[s : s + length]) == peer_id
+            if not ok:
+                stats["drop_allowedips_source"] += 1
+                continue
+            out.append(mv[s : s + length])
+        peer.rx_data += data
 
     def _write_tun(self) -> None:
         """Write the batch's packets; with offloads, in-order TCP runs as one super-packet."""
@@ -335,32 +392,42 @@ class Worker:
                 frames += self.umem.alloc(len(plist) - len(frames)).tolist()
         mv = self.umem._mv
         seal = kp.sender.encrypt_into
+        nonce = _NONCE.pack
+        put_counter = _COUNTER.pack_into
         remote = kp.remote_index
-        fill = tpl.fill if tpl is not None else None
-        body = HEADER_LEN + 16
+        # link header + WireGuard type and receiver, per message length (one or two a batch)
+        prefixes: dict[int, bytes] = {}
+        wg_head = _WG_HEAD.pack(4, remote)
+        counter_at = HEADER_LEN + 8
+        body_at = HEADER_LEN + 16
+        nframes = len(frames)
         total = 0
         unused: list[int] = []
         for k, packet in enumerate(plist):
             counter = first + k
             n = len(packet)
-            plen = padded_len(n, mtu)
+            plen = (n + 15) & ~15  # padded_len(), inline: this loop is the TX hot path
+            if mtu and plen > mtu:
+                plen = max(mtu, n)
             msg_len = plen + 32
             total += msg_len
-            nonce = _NONCE0 + counter.to_bytes(8, "little")
-            if fill is None or k >= len(frames) or msg_len > limit:
-                sealed = kp.sender.encrypt(nonce, bytes(packet) + bytes(plen - n), None)
+            if tpl is None or k >= nframes or msg_len > limit:
+                sealed = kp.sender.encrypt(nonce(counter), bytes(packet) + bytes(plen - n), None)
                 self._send_raw(peer.endpoint, _WG_HDR.pack(4, remote, counter) + sealed)  # type: ignore[arg-type]
-                if k < len(frames):
+                if k < nframes:
                     unused.append(frames[k])
                 continue
             addr = frames[k]
-            frame = mv[addr : addr + HEADER_LEN + msg_len]  # type: ignore[index]
-            fill(frame, msg_len)
-            _WG_HDR.pack_into(frame, HEADER_LEN, 4, remote, counter)
-            frame[body : body + n] = packet
+            prefix = prefixes.get(msg_len)
+            if prefix is None:
+                prefix = prefixes[msg_len] = tpl.header(msg_len) + wg_head
+            mv[addr : addr + counter_at] = prefix
+            put_counter(mv, addr + counter_at, counter)
+            b = addr + body_at
+            mv[b : b + n] = packet
             if plen > n:
-                frame[body + n : body + plen] = _ZEROS[: plen - n]
-            seal(nonce, frame[body : body + plen], None, frame[body:])
+                mv[b + n : b + plen] = _ZEROS[: plen - n]
+            seal(nonce(counter), mv[b : b + plen], None, mv[b : b + plen + 16])
             addrs_out.append(addr)
             lens_out.append(HEADER_LEN + msg_len)
         if unused:
@@ -440,13 +507,30 @@ def _l3(mv: memoryview, a: int) -> tuple[int, int]:
     return et, a + 14
 
 
-def _parse_scalar(mv: memoryview, addrs: np.ndarray, lens: np.ndarray) -> tuple[list, ...]:
-    """Per-frame header parse: (ok, WireGuard offset, end, receiver index, counter) lists."""
-    oks, wgs, ends, idxs, ctrs = [], [], [], [], []
+def _parse_headers(mv: memoryview, addrs: np.ndarray,
+                   lens: np.ndarray) -> tuple[list, ...]:
+    """Per-frame header parse: (ok, body offset, end, receiver index, counter) lists.
+
+    The body is the WireGuard message past its 16-byte header: ciphertext and tag.
+
+    The usual frame (Ethernet, IPv4 without options) takes one `struct` call; VLAN
+    tags, IPv6 and IP options take the general path.
+    """
+    oks, bodies, ends, idxs, ctrs = [], [], [], [], []
+    common = _COMMON.unpack_from
     unpack = _IDX_CTR.unpack_from
     for a, ln in zip(addrs.tolist(), lens.tolist(), strict=True):
-        et, l3 = _l3(mv, a)
         end = a + ln
+        if ln >= _COMMON_MIN:
+            ethertype, vihl, idx, ctr = common(mv, a)
+            if ethertype == _ETH_IPV4_LE and vihl == 0x45:
+                oks.append(True)
+                bodies.append(a + 58)
+                ends.append(end)
+                idxs.append(idx)
+                ctrs.append(ctr)
+                continue
+        et, l3 = _l3(mv, a)
         if et == 0x0800:
             wg = l3 + ((mv[l3] & 15) << 2) + 8
         elif et == 0x86DD:
@@ -459,32 +543,16 @@ def _parse_scalar(mv: memoryview, addrs: np.ndarray, lens: np.ndarray) -> tuple[
         else:
             idx = ctr = 0
             oks.append(False)
-        wgs.append(wg)
+        bodies.append(wg + 16)
         ends.append(end)
         idxs.append(idx)
         ctrs.append(ctr)
-    return oks, wgs, ends, idxs, ctrs
+    return oks, bodies, ends, idxs, ctrs
 
 
-def _parse_numpy(buf: np.ndarray, addrs: np.ndarray, lens: np.ndarray) -> tuple[list, ...]:
-    """The same parse, vectorized over the batch (worth it only for large batches)."""
-    a = addrs.astype(np.int64)
-    ln = lens.astype(np.int64)
-    et = (buf[a + 12].astype(np.int64) << 8) | buf[a + 13]
-    vlan = (et == 0x8100) | (et == 0x88A8)
-    l3 = a + 14 + 4 * vlan
-    et = np.where(vlan, (buf[a + 16].astype(np.int64) << 8) | buf[a + 17], et)
-    v4 = et == 0x0800
-    l4 = l3 + np.where(v4, (buf[np.minimum(l3, len(buf) - 1)] & 15).astype(np.int64) * 4, 40)
-    wg = l4 + 8
-    ok = (wg + 32 <= a + ln) & (v4 | (et == 0x86DD))
-    wgc = np.where(ok, wg, a)
-    idx = (buf[wgc + 4].astype(np.uint32) | (buf[wgc + 5].astype(np.uint32) << 8)
-           | (buf[wgc + 6].astype(np.uint32) << 16) | (buf[wgc + 7].astype(np.uint32) << 24))
-    ctr = np.zeros(len(a), dtype=np.uint64)
-    for i in range(8):
-        ctr |= buf[wgc + 8 + i].astype(np.uint64) << np.uint64(8 * i)
-    return ok.tolist(), wg.tolist(), (a + ln).tolist(), idx.tolist(), ctr.tolist()
+def _pick(values: list[int], keep: set[int]) -> list[int]:
+    """The items of `values` at the positions in `keep`, in order."""
+    return [v for k, v in enumerate(values) if k in keep]
 
 
 def _source(mv: memoryview, a: int) -> tuple[str, int]:
