@@ -247,3 +247,24 @@ def test_tx_batch_frames_decrypt_to_the_padded_packets(rig: Any) -> None:
         assert len(plain) == padded_len(size, MTU)
         assert plain == packet + bytes(len(plain) - size)
     assert w.slots.send_counter(kp.slot) == len(sizes)
+
+
+def test_tun_read_batch_stops_at_count_or_bytes() -> None:
+    """`Tun.read_batch`: one read per packet, bounded by count and by a byte budget
+    (a SOCK_SEQPACKET pair stands in for the TUN fd: it keeps packet boundaries)."""
+    from wgx.dataplane.tun import Tun
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a.setblocking(False)
+    tun = Tun(a.fileno(), "stub0", vnet_hdr=True)
+    try:
+        for size in [1400] * 10 + [60000] * 3:
+            b.send(bytes(size))
+        assert [len(p) for p in tun.read_batch(4)] == [1400] * 4
+        assert [len(p) for p in tun.read_batch(64, 5000)] == [1400] * 4  # 5600 >= 5000
+        assert [len(p) for p in tun.read_batch(64, 100_000)] == [1400, 1400, 60000, 60000]
+        assert [len(p) for p in tun.read_batch(64, 100_000)] == [60000]
+        assert tun.read_batch(64, 100_000) == []
+    finally:
+        a.close()
+        b.close()

@@ -30,7 +30,7 @@ from .uapi import SOCKET_DIR, UapiServer
 log = logging.getLogger("wgx.device")
 
 BATCH = 128
-VNET_BATCH = 8  # reads per wakeup when a read may be a 64 KB TSO super-packet
+VNET_BYTES = 8 * 65536  # bytes per wakeup when a read may be a 64 KB TSO super-packet
 HOUSEKEEPING_INTERVAL = 0.5
 
 
@@ -278,7 +278,7 @@ class Device:
 
     def _from_tun(self, now: float) -> None:
         engine = self.engine
-        raw = self.tun.read_batch(BATCH if not self.tun.vnet_hdr else VNET_BATCH)
+        raw = self.tun.read_batch(BATCH, VNET_BYTES if self.tun.vnet_hdr else None)
         if self.tun.vnet_hdr:
             for segment in offload.split_gso_batch(raw, engine.mtu, arena=self._arena):
                 engine.send_packet(bytes(segment), now)

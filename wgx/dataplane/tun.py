@@ -92,15 +92,22 @@ class Tun:
                 raise TunGone(self.name) from e
             raise
 
-    def read_batch(self, max_n: int) -> list[bytes]:
-        """Up to `max_n` raw reads (with their virtio-net header in vnet mode)."""
+    def read_batch(self, max_n: int, max_bytes: int | None = None) -> list[bytes]:
+        """Up to `max_n` raw reads (with their virtio-net header in vnet mode), stopping
+        early once `max_bytes` have been read (so TSO super-packets bound the batch by
+        size and small packets by count)."""
         out: list[bytes] = []
         read = self.read
+        budget = max_bytes if max_bytes is not None else -1
         for _ in range(max_n):
             p = read()
             if p is None:
                 break
             out.append(p)
+            if budget >= 0:
+                budget -= len(p)
+                if budget <= 0:
+                    break
         return out
 
     def write(self, packet: bytes | memoryview) -> None:

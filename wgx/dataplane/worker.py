@@ -60,7 +60,7 @@ log = logging.getLogger("wgx.worker")
 
 RX_BATCH = 256
 TX_BATCH = 64
-TX_VNET_READS = 8  # TSO reads per batch: each may be a 64 KB super-packet (~45 segments)
+TX_VNET_BYTES = 8 * 65536  # TSO reads per batch: eight 64 KB super-packets (~360 segments)
 REPORT_INTERVAL = 0.05
 FRAME_SIZE = 2048
 FRAME_COUNT = 4096
@@ -333,7 +333,7 @@ class Worker:
 
     def tx(self) -> None:
         if self.tun.vnet_hdr:
-            raw = self.tun.read_batch(TX_VNET_READS)
+            raw = self.tun.read_batch(TX_BATCH, TX_VNET_BYTES)
             packets: list[Any] = offload.split_gso_batch(raw, self.spec.mtu, arena=self._arena)
         else:
             packets = self.tun.read_batch(TX_BATCH)

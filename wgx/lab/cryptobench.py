@@ -109,7 +109,7 @@ class _Tun:
     def write(self, packet: Any) -> None:
         self.written += 1
 
-    def read_batch(self, n: int) -> list[bytes]:
+    def read_batch(self, n: int, max_bytes: int | None = None) -> list[bytes]:
         return self.batch[:n]
 
 
