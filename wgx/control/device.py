@@ -56,6 +56,11 @@ class DeviceOptions:
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> DeviceOptions:
+        """Options from WGX_* variables; ValueError names a malformed one.
+
+        WGX_TEST_REKEY_AFTER_TIME (seconds) and WGX_TEST_REKEY_AFTER_MESSAGES shrink
+        the rekey limits for soak tests only; a deployment never sets them.
+        """
         workers = env.get("WGX_WORKERS")
         if workers is not None and not (workers.isdigit() and int(workers) > 0):
             raise ValueError(f"WGX_WORKERS={workers!r}: expected a positive integer")
@@ -63,7 +68,31 @@ class DeviceOptions:
                    xdp_iface=env.get("WGX_XDP_IFACE") or None,
                    workers=int(workers) if workers else None,
                    xdp_mode=env.get("WGX_XDP_MODE", "auto"),
-                   tun_offload=env.get("WGX_TUN_OFFLOAD", "1") != "0")
+                   tun_offload=env.get("WGX_TUN_OFFLOAD", "1") != "0",
+                   limits=_test_limits(env))
+
+
+def _test_limits(env: dict[str, str]) -> Limits | None:
+    """Shrunk rekey limits from WGX_TEST_REKEY_AFTER_{TIME,MESSAGES}, or None."""
+    t, m = env.get("WGX_TEST_REKEY_AFTER_TIME"), env.get("WGX_TEST_REKEY_AFTER_MESSAGES")
+    if t is None and m is None:
+        return None
+    limits = Limits()
+    if t is not None:
+        try:
+            seconds = float(t)
+        except ValueError:
+            seconds = -1.0
+        if not 1.0 <= seconds <= limits.rekey_after_time:
+            raise ValueError(f"WGX_TEST_REKEY_AFTER_TIME={t!r}: expected seconds, 1 to "
+                             f"{limits.rekey_after_time:g}")
+        limits.rekey_after_time = seconds
+    if m is not None:
+        if not (m.isdigit() and 1000 <= int(m) <= limits.rekey_after_messages):
+            raise ValueError(f"WGX_TEST_REKEY_AFTER_MESSAGES={m!r}: expected an integer, "
+                             f"1000 to {limits.rekey_after_messages}")
+        limits.rekey_after_messages = int(m)
+    return limits
 
 
 class Device:
