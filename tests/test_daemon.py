@@ -98,3 +98,16 @@ def test_log_level_and_version() -> None:
     cp = subprocess.run(WGX + ["-f", "wgxbad0"], capture_output=True, text=True, timeout=20,
                         env={**os.environ, "LOG_LEVEL": "loud"})
     assert cp.returncode == 2 and "LOG_LEVEL" in cp.stderr
+
+
+def test_fresh_tun_defaults(lab: netlab.Lab) -> None:
+    """A TUN the daemon creates gets MTU 1420 (as wireguard-go) and a 1000-packet
+    transmit queue (the tun driver's 500 overflows while a worker waits for a CPU)."""
+    import json
+
+    h = lab.a
+    p = h.start_daemon(WGX, "wgx0")
+    link = json.loads(h.ip("-j", "link", "show", "wgx0"))[0]
+    assert (link["mtu"], link["txqlen"]) == (1420, 1000)
+    p.send_signal(signal.SIGTERM)
+    assert wait_exit(p) == 0

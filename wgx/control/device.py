@@ -18,7 +18,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from wgx.dataplane import offload
+from wgx.dataplane import netdev, offload
 from wgx.dataplane.tun import Tun, TunGone
 from wgx.dataplane.udp import UdpSockets
 from wgx.protocol.engine import Engine
@@ -30,6 +30,8 @@ from .uapi import SOCKET_DIR, UapiServer
 log = logging.getLogger("wgx.device")
 
 BATCH = 128
+TUN_DEFAULT_TXQUEUELEN = 500  # the tun driver's
+TUN_TXQUEUELEN = 1000  # like an Ethernet device's
 VNET_BYTES = 8 * 65536  # bytes per wakeup when a read may be a 64 KB TSO super-packet
 HOUSEKEEPING_INTERVAL = 0.5
 
@@ -134,6 +136,10 @@ class Device:
         try:
             if tun.mtu() == 1500:  # fresh TUN: default like wireguard-go
                 tun.set_mtu(1420)
+            if netdev.get_txqueuelen(tun.name) == TUN_DEFAULT_TXQUEUELEN:
+                # The queue in front of the workers: 500 packets is ~8 ms of full-size
+                # packets at 1 Gbit/s, shorter than a worker may wait for a CPU here.
+                netdev.set_txqueuelen(tun.name, TUN_TXQUEUELEN)
             udp = UdpSockets(0)
             uapi = UapiServer(tun.name, options.uapi_dir)
         except BaseException:

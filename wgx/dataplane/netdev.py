@@ -15,6 +15,8 @@ import struct
 SIOCGIFMTU = 0x8921
 SIOCSIFMTU = 0x8922
 SIOCETHTOOL = 0x8946
+SIOCGIFTXQLEN = 0x8942
+SIOCSIFTXQLEN = 0x8943
 ETHTOOL_GCHANNELS = 0x3C
 
 
@@ -35,6 +37,18 @@ def get_mtu(name: str) -> int | None:
 def set_mtu(name: str, mtu: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         fcntl.ioctl(s, SIOCSIFMTU, _ifreq(name, struct.pack("i", mtu)))
+
+
+def get_txqueuelen(name: str) -> int:
+    """The transmit queue length of `name` (packets)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        res = fcntl.ioctl(s, SIOCGIFTXQLEN, _ifreq(name, b""))
+    return struct.unpack_from("i", res, 16)[0]
+
+
+def set_txqueuelen(name: str, qlen: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, SIOCSIFTXQLEN, _ifreq(name, struct.pack("i", qlen)))
 
 
 def rx_queues(name: str) -> int:
