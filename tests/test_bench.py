@@ -55,6 +55,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     res = json.loads((out / "results.json").read_text())
     assert res["schema"] == "wgx-bench/1"
     assert res["config"]["quick"] is True and res["config"]["repeat"] == 1
+    assert res["config"]["udp_buffer"] == "2M"
     for key in ("date", "command", "elapsed_s", "machine", "versions", "paths", "summary",
                 "ratios", "samples"):
         assert key in res, key
@@ -155,3 +156,11 @@ def _path() -> str:
     import os
 
     return os.environ["PATH"]
+
+
+@pytest.mark.parametrize("bad", ["2G", "-1", "lots", "02M"])
+def test_bench_rejects_bad_udp_buffer(bad: str) -> None:
+    cp = subprocess.run(["wgx", "bench", "--quick", "--udp-buffer", bad],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2, (cp.returncode, cp.stderr)
+    assert "--udp-buffer" in cp.stderr

@@ -606,6 +606,9 @@ def bench(
     out: Annotated[str | None, typer.Option(
         help="Output directory (default ./bench-results/TIMESTAMP).")] = None,
     junk_pps: Annotated[int, typer.Option(help="Junk datagrams per second.")] = 50_000,
+    udp_buffer: Annotated[str, typer.Option(
+        help="Socket buffer (iperf3 -w) of both ends in the UDP tests, every path alike; "
+             "0 keeps iperf3's default.")] = "2M",
 ) -> None:
     """Build a 2-host lab per path and compare them side by side, interleaved.
 
@@ -626,13 +629,17 @@ def bench(
     from wgx.lab import report
     from wgx.lab.proc import LabError
 
-    kw = dict(duration=duration, repeat=repeat, junk_pps=junk_pps,
+    kw = dict(duration=duration, repeat=repeat, junk_pps=junk_pps, udp_buffer=udp_buffer,
               paths=[p.strip() for p in paths.split(",") if p.strip()],
               tests=[t.strip() for t in tests.split(",") if t.strip()])
     if quick:
         cfg = benchmod.BenchConfig.quick_config(**kw)
     else:
         cfg = benchmod.BenchConfig(**{k: v for k, v in kw.items() if v is not None})
+    try:
+        cfg.validate()
+    except LabError as e:
+        raise _fail(str(e), 2) from None
     if os.geteuid() != 0:
         raise _fail("wgx bench needs root (it builds network namespaces)")
     out_dir = Path(out) if out else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")

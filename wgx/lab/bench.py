@@ -88,6 +88,10 @@ class BenchConfig:
     ping_count: int = 200
     ping_interval: float = 0.01
     junk_pps: int = 50_000
+    # iperf3 -w for the UDP tests, every path alike ("0": iperf3's default). With the
+    # default 208 KB, the receiving iperf3's socket overflows whenever it waits for a
+    # CPU, which measures the scheduler rather than the path.
+    udp_buffer: str = "2M"
     foreign_max_per_s: float = 0.1  # foreign CPU-s allowed per second of a sample
     foreign_retries: int = 2
     time_budget: float | None = None  # past it, disturbed samples are flagged, not repeated
@@ -115,6 +119,9 @@ class BenchConfig:
             raise LabError(f"--repeat {self.repeat}: use 1 to 50")
         if not (2 <= self.udp_steps <= 20):
             raise LabError(f"udp steps {self.udp_steps}: use 2 to 20")
+        if not re.fullmatch(r"0|[1-9][0-9]*[KM]?", self.udp_buffer):
+            raise LabError(f"--udp-buffer {self.udp_buffer}: use 0 (iperf3's default) or a "
+                           "size such as 2M")
 
 
 # --------------------------------------------------------------------- one path
@@ -454,11 +461,12 @@ class Bench:
         best: dict[str, Any] | None = None
         lo, hi = 0.0, math.inf
         cand: float | None = None  # None: the unlimited probe
+        window = ["-w", self.cfg.udp_buffer] if self.cfg.udp_buffer != "0" else []
         for step in range(self.cfg.udp_steps):
             bps = "0" if cand is None else str(int(cand * size * 8))
             s = self._measure(
                 pl, test, rep, sd,
-                lambda b=bps: self._iperf(pl, ["-u", "-l", str(size), "-b", b], sd),
+                lambda b=bps: self._iperf(pl, ["-u", "-l", str(size), "-b", b, *window], sd),
                 extra={"step": step, "offered_pps": None if cand is None else round(cand),
                        "probe": cand is None})
             rx = s.get("rx_pps") or 0.0
