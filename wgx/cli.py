@@ -599,6 +599,10 @@ def _print_impair(console: Console, imp: dict) -> None:
                       f"{c['duplicated']} ({o['dup']:.2%})", f"{c['held']} ({o['held']:.2%})",
                       f"{c['reordered']} ({o['reorder']:.2%})", str(c["delayed"]), str(c["tx"]))
     console.print(table)
+    behind = sum(c.get("socket_drops", 0) for c in imp["counters"].values())
+    if behind:
+        console.print(f"[yellow]the stage fell behind: the kernel dropped {behind} frames it "
+                      "did not read in time (lost, but not by the loss setting)[/]")
 
 
 @lab_app.command("exec", context_settings={"ignore_unknown_options": True})

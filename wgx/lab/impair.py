@@ -59,7 +59,9 @@ every 0.5 s and shown by `wgx lab status`): `rx` frames in, `dropped` by loss,
 whose first copy left after a packet that entered later: the reordering that
 really happened, from held-back copies and jitter alike; a held copy with no
 later packet in the meantime is not counted), `gso` (GSO super-frames, see
-below), `send_errors`, `flooded`.
+below), `send_errors`, `flooded` (sent to every other port), `socket_drops`
+(frames the kernel dropped because the stage did not read them in time: lost
+like `dropped`, but not asked for).
 
 Limits, by design
 -----------------
@@ -90,6 +92,7 @@ import re
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -103,6 +106,7 @@ ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
+PACKET_STATISTICS = 6  # struct tpacket_stats {tp_packets, tp_drops}; reading resets it
 VNET_HDR_LEN = 10  # struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_*
 MAX_FRAME = 65536 + VNET_HDR_LEN
 MAX_DELAY = 10.0  # seconds; anything longer is surely a typo
@@ -122,7 +126,7 @@ FIELDS: dict[str, str] = {
     "limit": f"N: packets the stage may hold at once; beyond, drop (default {DEFAULT_LIMIT})",
 }
 COUNTERS = ("rx", "rx_bytes", "dropped", "overflow", "duplicated", "held", "delayed", "tx",
-            "tx_bytes", "reordered", "gso", "send_errors", "flooded")
+            "tx_bytes", "reordered", "gso", "send_errors", "flooded", "socket_drops")
 
 
 class ImpairError(ValueError):
@@ -267,11 +271,6 @@ def parse(text: str) -> ImpairSpec:
     return spec
 
 
-def help_text() -> str:
-    """One line per field, for --help."""
-    return "; ".join(f"{k}={v}" for k, v in FIELDS.items())
-
-
 # ------------------------------------------------------------------- sans-I/O core
 
 
@@ -395,7 +394,15 @@ class Switch:
                 "ports": {n: dict(imp.counters) for n, imp in zip(self.names, self.imps,
                                                                    strict=True)}}
 
+    def _socket_drops(self) -> None:
+        for sock, imp in zip(self.socks, self.imps, strict=True):
+            with contextlib.suppress(OSError):
+                _, drops = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS,
+                                                                8))
+                imp.counters["socket_drops"] += drops
+
     def write_stats(self) -> None:
+        self._socket_drops()
         if self.stats_path is None:
             return
         tmp = self.stats_path.with_name(self.stats_path.name + ".tmp")
