@@ -929,6 +929,8 @@ def test_replay_window_accepts_reordering() -> None:
         p.B.receive_datagram(held[i], A_ADDR, 1.5)
     assert p.B.tun == [pkts[i] for i in (4, 0, 2, 1, 3)]
     assert p.B.drops["replay"] == 2
+    # accepted below the greatest counter seen: 0, 2, 1 and 3 (not the replays)
+    assert p.B.stats["rx_out_of_order"] == 4
 
 
 def test_inner_source_must_be_allowed() -> None:

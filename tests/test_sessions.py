@@ -78,3 +78,16 @@ def test_shared_keypair_counts_in_its_slot() -> None:
     assert kp.reserve(4) == 0 and kp.reserve(1) == 4 and kp.send_counter == 5
     assert kp.accept(10) and not kp.accept(10)
     assert slots.window(kp.slot).greatest == 10
+
+
+def test_accept_counting_counts_late_but_fresh_counters() -> None:
+    slots = SessionSlots(slots=8)
+    slot = slots.allocate()
+    window = slots.window(slot)
+    verdicts, late = slots.accept_counting(slot, window, [0, 1, 5, 3, 3, 4, 9, 2])
+    assert verdicts == [True, True, True, True, False, True, True, True]
+    assert late == 3  # 3, 4 and 2: fresh, below the greatest seen; the second 3 is a replay
+    # the greatest carries over between batches; far behind the window is a replay
+    verdicts, late = slots.accept_counting(slot, window, [8, 10, 7, 20000, 9, 100])
+    assert verdicts == [True, True, True, True, False, False]
+    assert late == 2

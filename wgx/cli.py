@@ -470,6 +470,9 @@ def lab_up(
     junk: Annotated[bool, typer.Option(
         help="Add a NAME-junk namespace that can reach the last host's underlay.")] = False,
     check: Annotated[bool, typer.Option(help="Ping every host through the tunnel.")] = True,
+    impair: Annotated[str | None, typer.Option(
+        help="Impair the underlay, e.g. loss=5%,reorder=25%,dup=2%,delay=10ms "
+             "(fields below).", metavar="FIELD=VALUE,...")] = None,
     name: LabNameOpt = "wgxlab",
 ) -> None:
     """Build the lab: namespaces, multi-queue veths (a bridge for N>2), keys, configs, tunnels.
@@ -477,12 +480,33 @@ def lab_up(
     Underlay 198.18.0.i/24 + fd18::i/64, overlay 10.99.0.i/24 + fd99::i/64 (host i from 1).
     Each host is provisioned by scripts/provision-host.sh, like the Vagrant VMs.
 
-    Example: [bold]wgx lab up --hosts 3 --topology hub[/bold]
+    [bold]--impair[/bold] puts an impairment stage between the hosts (a middle namespace
+    NAME-sw; this kernel has no netem). Every packet entering it from a host is, in order:
+    [bold]loss[/bold]=P% dropped with probability P;
+    [bold]dup[/bold]=P% sent twice with probability P;
+    [bold]delay[/bold]=T held T (units s, ms, us; +0..1 ms);
+    [bold]jitter[/bold]=T plus a uniform -T..+T (T <= delay; this reorders too);
+    [bold]reorder[/bold]=P% with probability P held back [bold]hold[/bold]=T longer
+    (default: the delay, at least 1ms), so later packets overtake it;
+    [bold]seed[/bold]=N fixes the random decisions (default random, shown by status);
+    [bold]limit[/bold]=N packets held at most (default 10000).
+    Both directions get the same settings. `wgx lab status` shows them and what the stage
+    really did (dropped, duplicated, held, reordered, delayed).
+
+    Example: [bold]wgx lab up --hosts 3 --topology hub[/bold]  or
+    [bold]wgx lab up --impair loss=5%,reorder=25%,dup=2%,delay=10ms,seed=1[/bold]
     """
+    from wgx.lab import impair as impairmod
     from wgx.lab import lab as labmod
 
+    if impair is not None:
+        try:
+            impairmod.parse(impair)
+        except impairmod.ImpairError as e:
+            raise _fail(f"--impair {e}", 2) from None
     spec = labmod.LabSpec(name=name, hosts=hosts, queues=queues, dataplane=dataplane,
-                          peer_impl=peer_impl, topology=topology, junk=junk, check=check)
+                          peer_impl=peer_impl, topology=topology, junk=junk, check=check,
+                          impair=impair)
     t0 = time.monotonic()
     try:
         state = labmod.up(spec, log=_lab_log)
@@ -557,6 +581,28 @@ def lab_status(
         table.add_row(h["host"], impl, h["underlay"][0], (h["overlay"] or ["-"])[0],
                       pids or "-", "\n".join(peers) or "-")
     console.print(table)
+    if st.get("impair"):
+        _print_impair(console, st["impair"])
+
+
+def _print_impair(console: Console, imp: dict) -> None:
+    from rich.table import Table
+
+    state = "[green]running[/]" if imp["running"] else "[red]not running[/]"
+    console.print(f"[bold]impairment[/] {imp['settings']} (stage pid {imp['pid']}, {state}"
+                  f", {imp.get('queued') or 0} packets held now)")
+    table = Table("from", "packets in", "dropped", "duplicated", "held back", "reordered",
+                  "delayed", "packets out")
+    for who, c in imp["counters"].items():
+        o = imp["observed"][who]
+        table.add_row(who, str(c["rx"]), f"{c['dropped']} ({o['loss']:.2%})",
+                      f"{c['duplicated']} ({o['dup']:.2%})", f"{c['held']} ({o['held']:.2%})",
+                      f"{c['reordered']} ({o['reorder']:.2%})", str(c["delayed"]), str(c["tx"]))
+    console.print(table)
+    behind = sum(c.get("socket_drops", 0) for c in imp["counters"].values())
+    if behind:
+        console.print(f"[yellow]the stage fell behind: the kernel dropped {behind} frames it "
+                      "did not read in time (lost, but not by the loss setting)[/]")
 
 
 @lab_app.command("exec", context_settings={"ignore_unknown_options": True})

@@ -18,6 +18,7 @@ import contextlib
 import mmap
 import multiprocessing
 from collections.abc import Iterator, Sequence
+from operator import lt
 
 from wgx.protocol.peer import Keypair
 from wgx.protocol.replay import STORAGE_LEN, ReplayWindow
@@ -86,6 +87,24 @@ class SessionSlots:
         """Check-and-mark a batch of authenticated counters in one lock round trip."""
         with self._held(slot):
             return window.check_many(counters)
+
+    def accept_counting(self, slot: int, window: ReplayWindow,
+                        counters: Sequence[int]) -> tuple[list[bool], int]:
+        """`accept`, plus how many were accepted below the greatest counter seen before
+        them (arrived out of order, yet inside the window)."""
+        with self._held(slot):
+            top = window.greatest
+            verdicts = window.check_many(counters)
+        if not counters or (counters[0] > top and all(map(lt, counters, counters[1:]))):
+            return verdicts, 0  # the usual batch: in order, ahead of the window
+        late = 0
+        for c, fresh in zip(counters, verdicts, strict=True):
+            if fresh:
+                if c < top:
+                    late += 1
+                else:
+                    top = c
+        return verdicts, late
 
 
 class SharedKeypair(Keypair):

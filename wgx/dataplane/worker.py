@@ -140,7 +140,7 @@ class Worker:
             "rx_packets", "rx_batches", "tx_packets", "tx_batches", "tx_raw", "tx_kicks",
             "drop_unknown_index", "drop_bad_tag", "drop_replay", "drop_expired",
             "drop_allowedips_source", "drop_bad_inner", "drop_no_peer", "drop_malformed",
-            "staged"), 0)
+            "staged", "rx_out_of_order"), 0)
         self.umem = Umem(FRAME_COUNT, FRAME_SIZE)
         self.xsk = XskSocket(spec.ifname, spec.queue, self.umem)
         self.xsk.refill()
@@ -265,7 +265,8 @@ class Worker:
             starts, stops, counters = _pick(starts, keep), _pick(stops, keep), _pick(counters, keep)
             if not members:
                 return
-        verdicts = self.slots.accept(kp.slot, kp.window, counters)
+        verdicts, late = self.slots.accept_counting(kp.slot, kp.window, counters)
+        stats["rx_out_of_order"] += late
         peer = self.peers.setdefault(kp.peer_id, WPeer(kp.peer_id))
         if not kp.confirmed:
             kp.confirmed = True

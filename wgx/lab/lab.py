@@ -11,6 +11,12 @@ hub (the first host) with spokes. Underlay 198.18.0.i/24 + fd18::i/64, overlay
 10.99.0.i/24 + fd99::i/64, where i is the host's position (from 1). Nothing
 is ever added to the root namespace.
 
+Impaired underlay (`LabSpec.impair`, `wgx lab up --impair loss=5%,...`): then
+every host, also with two, hangs off `NAME-sw`, where no bridge but one
+process (wgx.lab.impair.Switch) forwards the frames between the ports and
+drops, duplicates, delays and reorders them on the way; see wgx/lab/impair.py
+for why it is built that way. `status` shows its settings and counters.
+
 Each host is provisioned by scripts/provision-host.sh, the same step the
 Vagrantfile runs on VMs: keys and a wg-quick config in the lab directory,
 then `wgx up` (or wg-quick with wireguard-go). Every host gets a private
@@ -30,6 +36,8 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -38,6 +46,7 @@ from typing import Any
 
 from wgx.control.uapi_client import UapiClient, UapiClientError
 
+from . import impair as impairmod
 from .proc import (
     LabError,
     alive,
@@ -48,6 +57,7 @@ from .proc import (
     proc_starttime,
     run,
     run_logged,
+    wait_until,
 )
 
 STATE_ROOT = Path("/run/wgx-lab")
@@ -111,6 +121,7 @@ class LabSpec:
     junk: bool = False  # a junk-sender namespace that reaches the last host's underlay
     check: bool = True  # ping every host's overlay from the first host after up
     workers: int | None = None  # WGX_WORKERS (default: queues)
+    impair: str | None = None  # impairment of the underlay (wgx.lab.impair.parse)
 
     def validate(self) -> None:
         if not (2 <= self.hosts <= MAX_HOSTS):
@@ -126,6 +137,11 @@ class LabSpec:
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name) \
                 or len(self.name) > 24:
             raise LabError(f"lab name {self.name!r}: letters, digits, - and _, at most 24")
+        if self.impair is not None:
+            try:
+                impairmod.parse(self.impair)
+            except impairmod.ImpairError as e:
+                raise LabError(f"--impair {e}") from None
         if self.impls is not None and (
                 len(self.impls) != self.hosts or any(i not in IMPLS for i in self.impls)):
             raise LabError(f"impls {self.impls}: one of {IMPLS} per host")
@@ -170,6 +186,7 @@ class LabState:
     created_run_wireguard: bool = False
     complete: bool = False
     junk: dict[str, Any] | None = None
+    impair: dict[str, Any] | None = None  # settings, pid/starttime and stats file of the stage
 
     @property
     def path(self) -> Path:
@@ -329,9 +346,13 @@ def up(spec: LabSpec, log: Log = _nolog) -> LabState:
         state.created_run_wireguard = _ensure_run_wireguard()
         state.save()
         _build_underlay(state, spec, log)
+        if spec.impair is not None:
+            if spec.junk:  # its port must exist before the stage starts
+                _build_junk(state, spec, log)
+            _start_impair(state, spec, log)
         for h in state.hosts:
             _provision(state, spec, h, script, log)
-        if spec.junk:
+        if spec.junk and state.junk is None:
             _build_junk(state, spec, log)
         state.complete = True
         state.save()
@@ -378,7 +399,15 @@ def _build_underlay(state: LabState, spec: LabSpec, log: Log) -> None:
     for h in state.hosts:
         log(f"namespace {h.ns}")
         _add_ns(state, h.ns, extra=False, host=h)
-    if spec.hosts == 2:
+    if spec.impair is not None:
+        sw = f"{spec.name}-sw"
+        log(f"namespace {sw} with the impairment stage")
+        _add_ns(state, sw, extra=True)
+        for h in state.hosts:
+            port = _port_name(h.name)
+            _veth(h.ns, UNDERLAY_IF, sw, port, spec.queues)
+            run(["ip", "-n", sw, "link", "set", port, "up"])
+    elif spec.hosts == 2:
         a, b = state.hosts
         log(f"veth {a.name}:{UNDERLAY_IF} <-> {b.name}:{UNDERLAY_IF} ({spec.queues} queues)")
         _veth(a.ns, UNDERLAY_IF, b.ns, UNDERLAY_IF, spec.queues)
@@ -389,11 +418,13 @@ def _build_underlay(state: LabState, spec: LabSpec, log: Log) -> None:
         run(["ip", "-n", sw, "link", "add", "br0", "type", "bridge"])
         run(["ip", "-n", sw, "link", "set", "br0", "up"])
         for h in state.hosts:
-            port = f"p-{h.name}"[:15]
+            port = _port_name(h.name)
             _veth(h.ns, UNDERLAY_IF, sw, port, spec.queues)
             run(["ip", "-n", sw, "link", "set", port, "master", "br0", "up"])
     for h in state.hosts:
         _channels(h.ns, UNDERLAY_IF, spec.queues, log)
+        if spec.impair is not None:
+            _no_segmentation(h.ns, UNDERLAY_IF)
         run(["ip", "-n", h.ns, "addr", "add", f"{h.underlay4}/24", "dev", UNDERLAY_IF])
         run(["ip", "-n", h.ns, "addr", "add", f"{h.underlay6}/64", "dev", UNDERLAY_IF, "nodad"])
         run(["ip", "-n", h.ns, "link", "set", UNDERLAY_IF, "mtu", "1500", "up"])
@@ -424,12 +455,101 @@ def _build_junk(state: LabState, spec: LabSpec, log: Log) -> None:
     else:
         sw = f"{spec.name}-sw"
         _veth(junk, "junk0", sw, "p-junk", 1)
-        run(["ip", "-n", sw, "link", "set", "p-junk", "master", "br0", "up"])
+        if spec.impair is not None:
+            run(["ip", "-n", sw, "link", "set", "p-junk", "up"])
+            _no_segmentation(junk, "junk0")
+        else:
+            run(["ip", "-n", sw, "link", "set", "p-junk", "master", "br0", "up"])
         src = "198.18.0.250"
         run(["ip", "-n", junk, "addr", "add", f"{src}/24", "dev", "junk0"])
         run(["ip", "-n", junk, "link", "set", "junk0", "up"])
     state.junk = {"ns": junk, "src": src, "target": target.underlay4, "port": LISTEN_PORT}
     state.save()
+
+
+def _port_name(host: str) -> str:
+    return f"p-{host}"[:15]
+
+
+def _no_segmentation(ns: str, dev: str) -> None:
+    """Segment before the wire, so the impairment stage sees every datagram on its own."""
+    run(["ip", "netns", "exec", ns, "ethtool", "-K", dev, "tso", "off", "gso", "off",
+         "tx-udp-segmentation", "off"])
+
+
+def _start_impair(state: LabState, spec: LabSpec, log: Log) -> None:
+    """Start the impairment stage in NAME-sw and wait until its sockets are bound."""
+    settings = impairmod.parse(spec.impair or "").with_seed()
+    sw = f"{spec.name}-sw"
+    ports = {_port_name(h.name): h.name for h in state.hosts}
+    if state.junk is not None and spec.hosts > 2:
+        ports["p-junk"] = "junk"
+    stats = Path(state.dir) / "impair.json"
+    logfile = Path(state.dir) / "impair.log"
+    env = environment()
+    root = str(Path(impairmod.__file__).resolve().parents[2])  # this wgx, also for -m
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    argv = ["ip", "netns", "exec", sw, sys.executable, "-m", "wgx.lab.impair",
+            "--ports", ",".join(ports), "--spec", settings.canonical(), "--stats", str(stats)]
+    log(f"impairment stage in {sw}: {settings.canonical()}")
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # `ip netns exec` execs the command: proc.pid is the stage itself
+    state.impair = {"settings": settings.canonical(), "spec": settings.to_dict(),
+                    "pid": proc.pid, "starttime": None, "stats": str(stats),
+                    "log": str(logfile), "ports": ports}
+    state.save()
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise LabError(f"the impairment stage exited (rc={proc.returncode}):\n"
+                           + logfile.read_text(errors="replace")[-2000:])
+        try:
+            return bool(json.loads(stats.read_text()).get("ready"))
+        except (OSError, ValueError):
+            return False
+
+    wait_until(ready, timeout=15, what="the impairment stage")
+    state.impair["starttime"] = proc_starttime(proc.pid)
+    state.save()
+
+
+def impair_status(state: LabState) -> dict[str, Any] | None:
+    """Settings, liveness and counters of the impairment stage (None: not impaired).
+
+    `observed` gives the rates the stage really applied, per sending host:
+    loss = dropped / rx, dup = duplicated / (rx - dropped - overflow),
+    reorder = reordered / packets sent, held = held / copies.
+    """
+    if state.impair is None:
+        return None
+    info = dict(state.impair)
+    pid, start = info.get("pid"), info.get("starttime")
+    info["running"] = bool(pid and alive(pid) and proc_starttime(pid) == start)
+    try:
+        data = json.loads(Path(info["stats"]).read_text())
+    except (OSError, ValueError, KeyError):
+        data = {}
+    info["updated"] = data.get("updated")
+    info["queued"] = data.get("queued")
+    counters: dict[str, dict[str, int]] = {}
+    observed: dict[str, dict[str, float]] = {}
+    for port, c in data.get("ports", {}).items():
+        who = info["ports"].get(port, port)
+        counters[who] = c
+        admitted = c["rx"] - c["dropped"] - c["overflow"]
+        copies = admitted + c["duplicated"]
+        firsts = c["tx"] - c["duplicated"]
+        observed[who] = {
+            "loss": c["dropped"] / c["rx"] if c["rx"] else 0.0,
+            "dup": c["duplicated"] / admitted if admitted else 0.0,
+            "held": c["held"] / copies if copies else 0.0,
+            "reorder": c["reordered"] / firsts if firsts > 0 else 0.0,
+        }
+    info["counters"] = counters
+    info["observed"] = observed
+    return info
 
 
 def _daemon_env(spec: LabSpec, host: HostState) -> dict[str, str]:
@@ -612,6 +732,7 @@ def status(name: str = DEFAULT_NAME) -> dict[str, Any]:
         "owner_alive": state.owner_alive(), "spec": state.spec,
         "namespaces": {ns: _ours(ns, ino) for ns, ino in state.namespaces().items()},
         "junk": state.junk,
+        "impair": impair_status(state),
         "hosts": [host_status(h) for h in state.hosts],
     }
 

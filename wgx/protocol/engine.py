@@ -416,9 +416,12 @@ class Engine:
         except InvalidTag:
             self.drops["bad_tag"] += 1
             return
+        late = counter < kp.replay.greatest
         if not kp.accept(counter):
             self.drops["replay"] += 1
             return
+        if late:  # fresh but below the greatest counter seen: reordered on the way
+            self.stats["rx_out_of_order"] += 1
         peer = kp.peer
         if kp is peer.next:
             self.confirm_keypair(kp, now)
