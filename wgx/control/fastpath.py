@@ -29,6 +29,7 @@ from wgx.dataplane.worker import WorkerSpec
 from wgx.dataplane.xdp import XdpError, XdpProgram
 from wgx.protocol.engine import Engine
 from wgx.protocol.peer import Keypair, Peer
+from wgx.protocol.ratelimiter import PACKETS_BURSTABLE, PACKETS_PER_SECOND
 from wgx.protocol.replay import WINDOW_SIZE
 
 log = logging.getLogger("wgx.fastpath")
@@ -107,6 +108,7 @@ class FastPath:
         self._ids: dict[Peer, int] = {}
         self._next_id = 1
         self._last_floor = 0.0
+        self._under_load: bool | None = None  # last value written to XDP (None: unknown)
 
     @classmethod
     def start(cls, engine: Engine, ifname: str, tun_name: str, *, workers: int | None = None,
@@ -133,6 +135,9 @@ class FastPath:
         ]
         pool = WorkerPool(specs, slots, prog.set_xsk)
         fp = cls(engine, ifname, prog, pool, slots)
+        # XDP applies the engine's per-source policy before the daemon sees a packet.
+        prog.set_ratelimit(PACKETS_PER_SECOND, PACKETS_BURSTABLE)
+        fp.set_under_load(engine.under_load(time.monotonic()))
         fp._share_existing_keypairs()
         pool.start()
         fp.sync()
@@ -255,8 +260,27 @@ class FastPath:
             log.warning("XDP listen port: %s", e)
         self.pool.set_listen_port(port)
 
+    def set_under_load(self, under_load: bool) -> None:
+        """Mirror the engine's under-load state into XDP (its per-source initiation limit).
+
+        Writes the config map only when the state changes, so the daemon can call
+        this after every batch of datagrams.
+        """
+        if under_load == self._under_load:
+            return
+        try:
+            self.prog.set_under_load(under_load)
+        except XdpError as e:
+            log.warning("XDP under-load flag: %s", e)
+            return
+        self._under_load = under_load
+        log.info("under load: %s (XDP initiation rate limit %s)", under_load,
+                 "on" if under_load else "off")
+
     def housekeeping(self, now: float) -> None:
-        """Raise the XDP counter floors of live sessions (drop far-behind replays early)."""
+        """Raise the XDP counter floors of live sessions (drop far-behind replays early)
+        and release the XDP rate limit once the engine is no longer under load."""
+        self.set_under_load(self.engine.under_load(now))
         if now - self._last_floor < 1.0:
             return
         self._last_floor = now
@@ -274,6 +298,7 @@ class FastPath:
             "workers": len(self.pool.specs),
             "worker_restarts": self.pool.restarts,
             "worker_pids": ",".join(map(str, self.pool.pids())),
+            "xdp_under_load": int(self.prog.under_load),
         }
         for name, value in self.prog.verdicts().items():
             out[f"xdp.{name}"] = value

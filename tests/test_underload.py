@@ -1,0 +1,68 @@
+"""The daemon mirrors the engine's under-load state into the XDP program.
+
+Without it the XDP per-source initiation rate limit (bpf/wgx_xdp.c) never
+engages: the flag lives in the program's config map and only the daemon knows
+when the engine is under load.  A fake program stands in for XdpProgram.
+"""
+
+from __future__ import annotations
+
+from wgx.control.fastpath import FastPath
+from wgx.dataplane.xdp import XdpError
+from wgx.protocol import crypto
+from wgx.protocol.cookie import CookieGenerator
+from wgx.protocol.engine import UNDER_LOAD_HANDSHAKES_PER_SECOND, Engine
+from wgx.protocol.messages import Initiation
+
+
+class FakeProg:
+    def __init__(self) -> None:
+        self.under_load = False
+        self.writes: list[bool] = []
+        self.fail = False
+
+    def set_under_load(self, flag: bool) -> None:
+        if self.fail:
+            raise XdpError("closed", "gone")
+        self.under_load = flag
+        self.writes.append(flag)
+
+
+def _flood(engine: Engine, now: float, n: int) -> None:
+    assert engine.public_key is not None
+    gen = CookieGenerator(engine.public_key)
+    for i in range(n):
+        msg = Initiation(i, bytes(32), bytes(48), bytes(28), bytes(16), bytes(16)).pack()
+        engine.receive_datagram(gen.add_macs(msg, now), ("198.19.0.1", 1000 + i), now)
+    engine.datagrams.clear()
+
+
+def test_fastpath_mirrors_under_load_into_xdp_only_on_change() -> None:
+    engine = Engine(crypto.generate_private_key())
+    prog = FakeProg()
+    fp = FastPath(engine, "ul0", prog, None, None)  # type: ignore[arg-type]
+    fp.set_under_load(engine.under_load(0.0))
+    assert prog.writes == [False]
+    fp.housekeeping(0.5)
+    assert prog.writes == [False]  # unchanged: no map write
+    _flood(engine, 1.0, UNDER_LOAD_HANDSHAKES_PER_SECOND)
+    fp.set_under_load(engine.under_load(1.0))
+    fp.set_under_load(engine.under_load(1.1))
+    assert prog.under_load and prog.writes == [False, True]
+    fp.housekeeping(1.5)  # hold not over yet
+    assert prog.under_load
+    fp.housekeeping(2.1)  # engine no longer under load: XDP lets initiations through
+    assert not prog.under_load and prog.writes == [False, True, False]
+    assert engine.stats["under_load_engaged"] == 1
+
+
+def test_fastpath_under_load_map_error_is_retried() -> None:
+    engine = Engine(crypto.generate_private_key())
+    prog = FakeProg()
+    fp = FastPath(engine, "ul0", prog, None, None)  # type: ignore[arg-type]
+    prog.fail = True
+    fp.set_under_load(True)
+    assert prog.writes == []
+    prog.fail = False
+    fp.set_under_load(True)
+    assert prog.writes == [True]
