@@ -20,6 +20,10 @@ class FakeProg:
         self.under_load = False
         self.writes: list[bool] = []
         self.fail = False
+        self.known: list[str] = []
+
+    def set_known_sources(self, addrs: list[str]) -> None:
+        self.known = list(addrs)
 
     def set_under_load(self, flag: bool) -> None:
         if self.fail:
@@ -66,3 +70,21 @@ def test_fastpath_under_load_map_error_is_retried() -> None:
     prog.fail = False
     fp.set_under_load(True)
     assert prog.writes == [True]
+
+
+def test_fastpath_known_sources_follow_peer_endpoints() -> None:
+    engine = Engine(crypto.generate_private_key())
+    prog = FakeProg()
+    fp = FastPath(engine, "ul0", prog, None, None)  # type: ignore[arg-type]
+    p1 = engine.add_peer(crypto.public_key(crypto.generate_private_key()))
+    p2 = engine.add_peer(crypto.public_key(crypto.generate_private_key()))
+    p1.endpoint = ("198.18.0.2", 51821)
+    fp._sync_known()
+    assert prog.known == ["198.18.0.2"]
+    p2.endpoint = ("fd18::9", 1)
+    p1.endpoint = ("198.18.0.7", 51821)  # roamed
+    fp._sync_known()
+    assert prog.known == ["198.18.0.7", "fd18::9"]
+    prog.known = ["sentinel"]
+    fp._sync_known()  # unchanged set: no map write
+    assert prog.known == ["sentinel"]

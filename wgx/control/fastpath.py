@@ -35,6 +35,12 @@ from wgx.protocol.replay import WINDOW_SIZE
 log = logging.getLogger("wgx.fastpath")
 
 READY_TIMEOUT = 10.0
+# Under load, initiations from sources that are no configured peer's endpoint share
+# this budget in XDP (on top of the per-source limit). A spoofed flood from many
+# addresses then costs the daemon at most this many cookie replies per second
+# (~7% of a core here) instead of a core, and known peers are never crowded out.
+UNKNOWN_INITIATIONS_PER_SECOND = 1000
+UNKNOWN_INITIATIONS_BURST = 32
 
 
 class FastPathError(RuntimeError):
@@ -109,6 +115,7 @@ class FastPath:
         self._next_id = 1
         self._last_floor = 0.0
         self._under_load: bool | None = None  # last value written to XDP (None: unknown)
+        self._known: frozenset[str] | None = None  # endpoint hosts last written to XDP
 
     @classmethod
     def start(cls, engine: Engine, ifname: str, tun_name: str, *, workers: int | None = None,
@@ -137,6 +144,7 @@ class FastPath:
         fp = cls(engine, ifname, prog, pool, slots)
         # XDP applies the engine's per-source policy before the daemon sees a packet.
         prog.set_ratelimit(PACKETS_PER_SECOND, PACKETS_BURSTABLE)
+        prog.set_global_ratelimit(UNKNOWN_INITIATIONS_PER_SECOND, UNKNOWN_INITIATIONS_BURST)
         fp.set_under_load(engine.under_load(time.monotonic()))
         fp._share_existing_keypairs()
         pool.start()
@@ -211,6 +219,21 @@ class FastPath:
                     self._add_keypair(kp)
             self.pool.set_current(pid, peer.current.local_index if peer.current else None)
         self.pool.set_allowed(sorted(allowed))
+        self._sync_known()
+
+    def _sync_known(self) -> None:
+        """Peers' endpoint addresses are the XDP `known` sources (exempt from the global
+        initiation budget under load); written only when the set changes."""
+        hosts = frozenset(p.endpoint[0] for p in self.engine.peers.values()
+                          if p.endpoint is not None)
+        if hosts == self._known:
+            return
+        try:
+            self.prog.set_known_sources(sorted(hosts))
+        except (XdpError, ValueError, OSError) as e:
+            log.warning("XDP known sources: %s", e)
+            return
+        self._known = hosts
 
     def on_event(self, kind: str, obj: Any) -> None:
         if kind == "keypair_new":
@@ -224,6 +247,8 @@ class FastPath:
             self.pool.set_peer(self.peer_id(peer), peer.endpoint)
             self.pool.set_current(self.peer_id(peer),
                                   peer.current.local_index if peer.current else None)
+            if kind == "endpoint":
+                self._sync_known()
 
     # ---------------------------------------------------------------- reports
 
