@@ -100,7 +100,8 @@ class SwitchedLab(netlab.Lab):
             if self.span:
                 for port in ("pa", "pb"):
                     sw.run(["tc", "qdisc", "add", "dev", port, "clsact"])
-                    sw.run(["tc", "filter", "add", "dev", port, "ingress", "matchall",
+                    sw.run(["tc", "filter", "add", "dev", port, "ingress", "protocol", "all",
+                            "u32", "match", "u32", "0", "0",
                             "action", "mirred", "egress", "mirror", "dev", "px"])
         except BaseException:
             self.close()
