@@ -450,6 +450,8 @@ def _flood_run(lab: attacklab.SwitchedLab, dataplane: str, x_cpu: int) -> None:
         "legit_handshake_s": None if handshake_s is None else round(handshake_s, 2),
         "flood_still_running_after_handshake": flood_running_at_hs_end,
     }
+    report["under_load_log"] = [ln[11:23] + ln.split("under load:")[1][:6]
+                                for ln in a.daemon_output().splitlines() if "under load:" in ln]
     print("\nFLOOD " + json.dumps(report))
     rep = json.dumps(report, indent=1)
     assert sent["sent"] > 100_000, rep

@@ -21,6 +21,10 @@ class FakeProg:
         self.writes: list[bool] = []
         self.fail = False
         self.known: list[str] = []
+        self.shed = 0
+
+    def verdicts(self) -> dict[str, int]:
+        return {"drop_ratelimit": self.shed, "drop_ratelimit_global": 0}
 
     def set_known_sources(self, addrs: list[str]) -> None:
         self.known = list(addrs)
@@ -45,13 +49,13 @@ def test_fastpath_mirrors_under_load_into_xdp_only_on_change() -> None:
     engine = Engine(crypto.generate_private_key())
     prog = FakeProg()
     fp = FastPath(engine, "ul0", prog, None, None)  # type: ignore[arg-type]
-    fp.set_under_load(engine.under_load(0.0))
+    fp.set_under_load(engine.under_load(0.0), 0.0)
     assert prog.writes == [False]
     fp.housekeeping(0.5)
     assert prog.writes == [False]  # unchanged: no map write
     _flood(engine, 1.0, UNDER_LOAD_HANDSHAKES_PER_SECOND)
-    fp.set_under_load(engine.under_load(1.0))
-    fp.set_under_load(engine.under_load(1.1))
+    fp.set_under_load(engine.under_load(1.0), 1.0)
+    fp.set_under_load(engine.under_load(1.1), 1.1)
     assert prog.under_load and prog.writes == [False, True]
     fp.housekeeping(1.5)  # hold not over yet
     assert prog.under_load
@@ -65,10 +69,10 @@ def test_fastpath_under_load_map_error_is_retried() -> None:
     prog = FakeProg()
     fp = FastPath(engine, "ul0", prog, None, None)  # type: ignore[arg-type]
     prog.fail = True
-    fp.set_under_load(True)
+    fp.set_under_load(True, 0.0)
     assert prog.writes == []
     prog.fail = False
-    fp.set_under_load(True)
+    fp.set_under_load(True, 0.1)
     assert prog.writes == [True]
 
 
@@ -88,3 +92,25 @@ def test_fastpath_known_sources_follow_peer_endpoints() -> None:
     prog.known = ["sentinel"]
     fp._sync_known()  # unchanged set: no map write
     assert prog.known == ["sentinel"]
+
+
+def test_fastpath_stays_under_load_while_xdp_still_sheds() -> None:
+    """The engine only sees what XDP lets through; XDP's own drops keep it engaged."""
+    engine = Engine(crypto.generate_private_key())
+    prog = FakeProg()
+    fp = FastPath(engine, "ul0", prog, None, None)  # type: ignore[arg-type]
+    _flood(engine, 1.0, UNDER_LOAD_HANDSHAKES_PER_SECOND)
+    fp.set_under_load(engine.under_load(1.0), 1.0)
+    assert prog.under_load
+    prog.shed = 5000  # XDP keeps dropping the flood...
+    fp.housekeeping(1.5)
+    prog.shed = 9000
+    fp.housekeeping(2.0)
+    # ...so although the engine (which saw nothing since t=1) is no longer under load,
+    # XDP is not released, not even by a batch handled in between.
+    assert not engine.under_load(2.4)
+    fp.set_under_load(engine.under_load(2.4), 2.4)
+    fp.housekeeping(2.5)  # no new drops at 2.5, but the ones seen at 2.0 hold until 3.0
+    assert prog.under_load
+    fp.housekeeping(3.0)
+    assert not prog.under_load  # the flood is over: released

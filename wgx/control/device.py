@@ -297,7 +297,7 @@ class Device:
                 break
             engine.receive_datagram(got[0], got[1], now)
         if self.fastpath is not None:
-            self.fastpath.set_under_load(engine.under_load(now))
+            self.fastpath.set_under_load(engine.under_load(now), now)
 
     def _flush(self) -> None:
         # Events first: a new keypair must reach the XDP sessions map and the workers

@@ -27,7 +27,7 @@ from wgx.dataplane.pool import WorkerPool
 from wgx.dataplane.sessions import SessionSlots, SharedKeypair
 from wgx.dataplane.worker import WorkerSpec
 from wgx.dataplane.xdp import XdpError, XdpProgram
-from wgx.protocol.engine import Engine
+from wgx.protocol.engine import UNDER_LOAD_HOLD, Engine
 from wgx.protocol.peer import Keypair, Peer
 from wgx.protocol.ratelimiter import PACKETS_BURSTABLE, PACKETS_PER_SECOND
 from wgx.protocol.replay import WINDOW_SIZE
@@ -116,6 +116,8 @@ class FastPath:
         self._last_floor = 0.0
         self._under_load: bool | None = None  # last value written to XDP (None: unknown)
         self._known: frozenset[str] | None = None  # endpoint hosts last written to XDP
+        self._shed = 0  # initiations XDP's rate limits had dropped at the last look
+        self._shed_until = float("-inf")  # XDP shed initiations recently: stay under load
 
     @classmethod
     def start(cls, engine: Engine, ifname: str, tun_name: str, *, workers: int | None = None,
@@ -145,7 +147,7 @@ class FastPath:
         # XDP applies the engine's per-source policy before the daemon sees a packet.
         prog.set_ratelimit(PACKETS_PER_SECOND, PACKETS_BURSTABLE)
         prog.set_global_ratelimit(UNKNOWN_INITIATIONS_PER_SECOND, UNKNOWN_INITIATIONS_BURST)
-        fp.set_under_load(engine.under_load(time.monotonic()))
+        fp.set_under_load(engine.under_load(time.monotonic()), time.monotonic())
         fp._share_existing_keypairs()
         pool.start()
         fp.sync()
@@ -285,12 +287,17 @@ class FastPath:
             log.warning("XDP listen port: %s", e)
         self.pool.set_listen_port(port)
 
-    def set_under_load(self, under_load: bool) -> None:
-        """Mirror the engine's under-load state into XDP (its per-source initiation limit).
+    def set_under_load(self, under_load: bool, now: float) -> None:
+        """Mirror the engine's under-load state into XDP (its initiation rate limits).
 
+        XDP stays under load while its limits were still dropping initiations
+        within the last UNDER_LOAD_HOLD s (see housekeeping): the engine only
+        counts what XDP lets through, and releasing XDP because that trickle
+        paused would let a flood burst through until the engine re-engages.
         Writes the config map only when the state changes, so the daemon can call
         this after every batch of datagrams.
         """
+        under_load = under_load or now < self._shed_until
         if under_load == self._under_load:
             return
         try:
@@ -305,7 +312,16 @@ class FastPath:
     def housekeeping(self, now: float) -> None:
         """Raise the XDP counter floors of live sessions (drop far-behind replays early)
         and release the XDP rate limit once the engine is no longer under load."""
-        self.set_under_load(self.engine.under_load(now))
+        if self._under_load:
+            try:
+                v = self.prog.verdicts()
+                shed = v.get("drop_ratelimit", 0) + v.get("drop_ratelimit_global", 0)
+            except XdpError:
+                shed = self._shed
+            if shed != self._shed:
+                self._shed_until = now + UNDER_LOAD_HOLD
+            self._shed = shed
+        self.set_under_load(self.engine.under_load(now), now)
         if now - self._last_floor < 1.0:
             return
         self._last_floor = now
