@@ -471,10 +471,13 @@ def _flood_run(lab: attacklab.SwitchedLab, dataplane: str, x_cpu: int) -> None:
     assert sent["sent"] > 1_000_000, rep  # > 33 k packets/s
     assert d("stat.under_load_engaged") >= 1, rep
     # Cookie replies went out, to the spoofed sources (x's nft counter, routed to x)
-    # and to b; the ones x saw are the daemon's own count minus b's.
-    assert d("stat.cookie_replies_sent") > 1000, rep
-    assert report["cookie_replies_seen_by_x"] + cookies_b_total == d("stat.cookie_replies_sent"), \
-        rep
+    # and to b; the ones x saw are the daemon's own count minus b's (exact in every
+    # run so far; 0.5 % slack for a sendto() that failed under pressure, which the
+    # daemon counts as sent but drops -- see UdpSockets.send).
+    replies = d("stat.cookie_replies_sent")
+    seen = report["cookie_replies_seen_by_x"] + cookies_b_total
+    assert replies > 1000, rep
+    assert replies * 0.995 <= seen <= replies, rep
     if dataplane != "xdp":
         return  # the socket dataplane's figures are reported, not held to the targets
     assert flood_running_at_hs_end, rep  # everything above was measured under flood
