@@ -25,6 +25,7 @@ bounded time and prints one JSON line (machine output, for tests and the doc).
 from __future__ import annotations
 
 import argparse
+import base64
 import ipaddress
 import json
 import mmap
@@ -243,8 +244,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pps", type=float, default=0.0, help="0: as fast as possible")
     ap.add_argument("--mode", choices=("ring", "sendto"), default="ring")
     args = ap.parse_args(argv)
-    import base64
-
     frames = build_flood_frames(base64.b64decode(args.public_key), args.iface,
                                 mac_bytes(args.dst_mac), args.dst, args.port,
                                 spoofed_sources(args.sources, args.count))
