@@ -7,7 +7,8 @@
  *
  *   not IPv4/IPv6+UDP to our port, or an IPv4 fragment  -> XDP_PASS (untouched)
  *   handshake initiation/response/cookie, exact size     -> XDP_PASS (daemon socket)
- *     (initiations under load: per-source token bucket; excess -> XDP_DROP)
+ *     (initiations under load: per-source token bucket; then, unless the
+ *      source is a known peer endpoint, a global one; excess -> XDP_DROP)
  *   transport data, known receiver index, counter >= floor
  *                                 -> XDP_REDIRECT to xsks[rx_queue_index],
  *                                    XDP_PASS if no AF_XDP socket on that queue
@@ -40,6 +41,9 @@
 #endif
 #ifndef WGX_RATELIMIT_MAX
 #define WGX_RATELIMIT_MAX 16384
+#endif
+#ifndef WGX_KNOWN_MAX
+#define WGX_KNOWN_MAX 4096
 #endif
 
 #define WG_TYPE_INITIATION 1
@@ -74,6 +78,7 @@ enum wgx_verdict {
 	WGX_V_DROP_UNKNOWN_INDEX,  /* type 4, receiver index not in sessions */
 	WGX_V_DROP_STALE_COUNTER,  /* type 4, counter below the session's floor */
 	WGX_V_DROP_RATELIMIT,      /* type 1 under load, source over its rate */
+	WGX_V_DROP_RATELIMIT_GLOBAL, /* type 1 under load, unknown source, global rate spent */
 	WGX_V__COUNT,
 };
 
@@ -83,6 +88,8 @@ struct wgx_config {
 	__u32 flags;       /* WGX_CFG_UNDER_LOAD */
 	__u64 rl_cost_ns;  /* token cost of one initiation (1e9 / rate) */
 	__u64 rl_max_ns;   /* bucket depth (cost * burst) */
+	__u64 gl_cost_ns;  /* global bucket (per CPU): cost of one initiation; 0 = off */
+	__u64 gl_max_ns;   /* global bucket depth */
 };
 
 struct wgx_session {
@@ -116,6 +123,10 @@ BPF_HASH(sessions, __u32, struct wgx_session, WGX_SESSIONS_MAX);
 BPF_XSKMAP(xsks, WGX_XSKS_MAX);
 BPF_TABLE("lru_hash", struct wgx_rl_key, struct wgx_rl_state, ratelimit, WGX_RATELIMIT_MAX);
 BPF_PERCPU_ARRAY(verdicts, struct wgx_counter, WGX_V__COUNT);
+/* Sources (same key as ratelimit) of configured peers' endpoints: under load
+ * they skip the global bucket, so a spoofed flood cannot crowd them out. */
+BPF_HASH(known, struct wgx_rl_key, __u32, WGX_KNOWN_MAX);
+BPF_PERCPU_ARRAY(global_rl, struct wgx_rl_state, 1);
 
 static __always_inline int count(struct xdp_md *ctx, __u32 verdict, int action)
 {
@@ -155,6 +166,29 @@ static __always_inline int ratelimit_allow(struct wgx_rl_key *key, struct wgx_co
 	st->last_ns = now;
 	if (tokens >= cost) {
 		st->tokens = tokens - cost;
+		return 1;
+	}
+	st->tokens = tokens;
+	return 0;
+}
+
+/* Global initiation budget for unknown sources under load: one bucket per CPU
+ * (no atomics), so the total is about ncpus * 1e9 / gl_cost_ns per second. */
+static __always_inline int global_allow(struct wgx_config *cfg)
+{
+	__u32 zero = 0;
+	struct wgx_rl_state *st = global_rl.lookup(&zero);
+	__u64 now, tokens;
+
+	if (cfg->gl_cost_ns == 0 || !st)
+		return 1;
+	now = bpf_ktime_get_ns();
+	tokens = st->tokens + (now - st->last_ns);
+	if (tokens > cfg->gl_max_ns)
+		tokens = cfg->gl_max_ns;
+	st->last_ns = now;
+	if (tokens >= cfg->gl_cost_ns) {
+		st->tokens = tokens - cfg->gl_cost_ns;
 		return 1;
 	}
 	st->tokens = tokens;
@@ -246,8 +280,12 @@ int wgx_xdp(struct xdp_md *ctx)
 	case WG_TYPE_INITIATION:
 		if (len != WG_SIZE_INITIATION)
 			return count(ctx, WGX_V_DROP_BAD_SIZE, XDP_DROP);
-		if ((cfg->flags & WGX_CFG_UNDER_LOAD) && !ratelimit_allow(&src, cfg))
-			return count(ctx, WGX_V_DROP_RATELIMIT, XDP_DROP);
+		if (cfg->flags & WGX_CFG_UNDER_LOAD) {
+			if (!ratelimit_allow(&src, cfg))
+				return count(ctx, WGX_V_DROP_RATELIMIT, XDP_DROP);
+			if (!known.lookup(&src) && !global_allow(cfg))
+				return count(ctx, WGX_V_DROP_RATELIMIT_GLOBAL, XDP_DROP);
+		}
 		return count(ctx, WGX_V_PASS_INITIATION, XDP_PASS);
 	case WG_TYPE_RESPONSE:
 		if (len != WG_SIZE_RESPONSE)

@@ -817,6 +817,19 @@ def test_under_load_cookie_reply_then_mac2_accepted() -> None:
     assert [mtype(d) for d, _ in p.B.datagrams] == [MSG_RESPONSE]
 
 
+def test_under_load_engaged_counted_once_per_episode() -> None:
+    p = Pair()
+    flood(p.B, p.pub_b, 10.0, UNDER_LOAD_HANDSHAKES_PER_SECOND - 1)
+    assert not p.B.under_load(10.0) and p.B.stats["under_load_engaged"] == 0
+    flood(p.B, p.pub_b, 10.5, 50)  # same 1 s window: the threshold is crossed once
+    assert p.B.under_load(10.5) and p.B.stats["under_load_engaged"] == 1
+    flood(p.B, p.pub_b, 11.2, UNDER_LOAD_HANDSHAKES_PER_SECOND + 5)  # still loaded: same one
+    assert p.B.stats["under_load_engaged"] == 1
+    assert not p.B.under_load(12.3)  # hold (1 s) over: a new flood is a new episode
+    flood(p.B, p.pub_b, 12.3, UNDER_LOAD_HANDSHAKES_PER_SECOND)
+    assert p.B.under_load(12.3) and p.B.stats["under_load_engaged"] == 2
+
+
 def test_not_under_load_mac2_ignored() -> None:
     p = Pair()
     p.A.initiate_handshake(p.pa, 0.0)

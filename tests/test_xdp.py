@@ -75,12 +75,17 @@ def test_c_and_python_layouts_agree() -> None:
     text = C_SOURCE.read_text()
     for macro, value in (("WGX_SESSIONS_MAX", xdp.SESSIONS_MAX),
                          ("WGX_XSKS_MAX", xdp.XSKS_MAX),
-                         ("WGX_RATELIMIT_MAX", xdp.RATELIMIT_MAX)):
+                         ("WGX_RATELIMIT_MAX", xdp.RATELIMIT_MAX),
+                         ("WGX_KNOWN_MAX", xdp.KNOWN_MAX)):
         assert re.search(rf"#define {macro} {value}\b", text), macro
     assert f"int {xdp.PROG_NAME}(struct xdp_md *ctx)" in text
     for name in xdp.MAP_NAMES:
         assert re.search(rf"\b{name}\b", text), name
-    assert (xdp.CONFIG_FMT.size, xdp.SESSION_FMT.size, xdp.COUNTER_FMT.size) == (24, 16, 16)
+    assert (xdp.CONFIG_FMT.size, xdp.SESSION_FMT.size, xdp.COUNTER_FMT.size) == (40, 16, 16)
+    assert xdp.RL_KEY_FMT.size == 12
+    assert XdpProgram.source_key("198.18.0.1") == b"\x04\0\0\0\xc6\x12\x00\x01" + bytes(4)
+    assert XdpProgram.source_key("::ffff:198.18.0.1") == XdpProgram.source_key("198.18.0.1")
+    assert XdpProgram.source_key("fd18::1") == XdpProgram.source_key("fd18::2:3")  # the /64
     assert re.search(r"#define WGX_CFG_UNDER_LOAD 1\b", text) and xdp.CFG_UNDER_LOAD == 1
 
 
@@ -472,6 +477,40 @@ def test_under_load_ratelimits_initiations_per_source(loaded) -> None:
     prog.set_under_load(False)
     init = [wg(1, 148) for _ in range(30)]
     probe.check([(4, PORT, m) for m in init], {"pass_initiation": 30}, delivered=init)
+
+
+@pytest.mark.privileged
+def test_under_load_global_budget_spares_known_sources(loaded) -> None:
+    """Unknown sources share one global initiation budget under load; known ones do not."""
+    _lab, prog, probe = loaded
+    prog.set_under_load(True)
+    prog.set_ratelimit(1e6, 1000)  # per-source limit out of the way
+    prog.set_global_ratelimit(1.0 * xdp.possible_cpus(), 2)  # 1/s and a burst of 2 per CPU
+    n = 30
+    msgs = [wg(1, 148) for _ in range(n)]
+    before = prog.verdicts()
+    for m in msgs:
+        probe.send(m, 4)
+    netlab.wait_until(lambda: sum(prog.verdicts()[k] - before[k] for k in (
+        "pass_initiation", "drop_ratelimit_global")) >= n, timeout=5.0)
+    after = prog.verdicts()
+    passed = after["pass_initiation"] - before["pass_initiation"]
+    assert 1 <= passed <= 3 * xdp.possible_cpus(), passed  # the burst(s) and a token or so
+    assert after["drop_ratelimit_global"] - before["drop_ratelimit_global"] == n - passed
+    assert after["drop_ratelimit"] == before["drop_ratelimit"]
+    netlab.wait_until(lambda: probe.rx.poll() >= passed, timeout=5.0)
+    time.sleep(0.05)
+    probe.rx.take()
+
+    # The same source as a known peer endpoint: only its own bucket applies.
+    prog.set_known_sources([netlab.Lab.UNDERLAY4["a"], "fd18::1"])
+    assert len(prog.known_sources()) == 2
+    probe.check([(4, PORT, m) for m in msgs], {"pass_initiation": n}, delivered=msgs)
+    prog.set_known_sources([netlab.Lab.UNDERLAY4["b"]])
+    assert prog.known_sources() == [XdpProgram.source_key(netlab.Lab.UNDERLAY4["b"])]
+    prog.set_global_ratelimit(0, 0)  # off: unknown sources pass again
+    probe.check([(4, PORT, m) for m in msgs], {"pass_initiation": n}, delivered=msgs)
+    prog.set_under_load(False)
 
 
 @pytest.mark.privileged

@@ -171,6 +171,7 @@ class Device:
             "dataplane_setting": self.options.dataplane,
             "mtu": self.engine.mtu,
             "pid": os.getpid(),
+            "under_load": int(self.engine.under_load(time.monotonic())),
         }
         if self.fastpath_error:
             out["fastpath_error"] = self.fastpath_error
@@ -330,6 +331,8 @@ class Device:
             if got is None:
                 break
             engine.receive_datagram(got[0], got[1], now)
+        if self.fastpath is not None:
+            self.fastpath.set_under_load(engine.under_load(now), now)
 
     def _flush(self) -> None:
         # Events first: a new keypair must reach the XDP sessions map and the workers

@@ -27,13 +27,20 @@ from wgx.dataplane.pool import WorkerPool
 from wgx.dataplane.sessions import SessionSlots, SharedKeypair
 from wgx.dataplane.worker import WorkerSpec
 from wgx.dataplane.xdp import XdpError, XdpProgram
-from wgx.protocol.engine import Engine
+from wgx.protocol.engine import UNDER_LOAD_HOLD, Engine
 from wgx.protocol.peer import Keypair, Peer
+from wgx.protocol.ratelimiter import PACKETS_BURSTABLE, PACKETS_PER_SECOND
 from wgx.protocol.replay import WINDOW_SIZE
 
 log = logging.getLogger("wgx.fastpath")
 
 READY_TIMEOUT = 10.0
+# Under load, initiations from sources that are no configured peer's endpoint share
+# this budget in XDP (on top of the per-source limit). A spoofed flood from many
+# addresses then costs the daemon at most this many cookie replies per second
+# (~7% of a core here) instead of a core, and known peers are never crowded out.
+UNKNOWN_INITIATIONS_PER_SECOND = 1000
+UNKNOWN_INITIATIONS_BURST = 32
 
 
 class FastPathError(RuntimeError):
@@ -107,6 +114,10 @@ class FastPath:
         self._ids: dict[Peer, int] = {}
         self._next_id = 1
         self._last_floor = 0.0
+        self._under_load: bool | None = None  # last value written to XDP (None: unknown)
+        self._known: frozenset[str] | None = None  # endpoint hosts last written to XDP
+        self._shed = 0  # initiations XDP's rate limits had dropped at the last look
+        self._shed_until = float("-inf")  # XDP shed initiations recently: stay under load
 
     @classmethod
     def start(cls, engine: Engine, ifname: str, tun_name: str, *, workers: int | None = None,
@@ -133,6 +144,10 @@ class FastPath:
         ]
         pool = WorkerPool(specs, slots, prog.set_xsk)
         fp = cls(engine, ifname, prog, pool, slots)
+        # XDP applies the engine's per-source policy before the daemon sees a packet.
+        prog.set_ratelimit(PACKETS_PER_SECOND, PACKETS_BURSTABLE)
+        prog.set_global_ratelimit(UNKNOWN_INITIATIONS_PER_SECOND, UNKNOWN_INITIATIONS_BURST)
+        fp.set_under_load(engine.under_load(time.monotonic()), time.monotonic())
         fp._share_existing_keypairs()
         pool.start()
         fp.sync()
@@ -206,6 +221,21 @@ class FastPath:
                     self._add_keypair(kp)
             self.pool.set_current(pid, peer.current.local_index if peer.current else None)
         self.pool.set_allowed(sorted(allowed))
+        self._sync_known()
+
+    def _sync_known(self) -> None:
+        """Peers' endpoint addresses are the XDP `known` sources (exempt from the global
+        initiation budget under load); written only when the set changes."""
+        hosts = frozenset(p.endpoint[0] for p in self.engine.peers.values()
+                          if p.endpoint is not None)
+        if hosts == self._known:
+            return
+        try:
+            self.prog.set_known_sources(sorted(hosts))
+        except (XdpError, ValueError, OSError) as e:
+            log.warning("XDP known sources: %s", e)
+            return
+        self._known = hosts
 
     def on_event(self, kind: str, obj: Any) -> None:
         if kind == "keypair_new":
@@ -219,6 +249,8 @@ class FastPath:
             self.pool.set_peer(self.peer_id(peer), peer.endpoint)
             self.pool.set_current(self.peer_id(peer),
                                   peer.current.local_index if peer.current else None)
+            if kind == "endpoint":
+                self._sync_known()
 
     # ---------------------------------------------------------------- reports
 
@@ -255,8 +287,41 @@ class FastPath:
             log.warning("XDP listen port: %s", e)
         self.pool.set_listen_port(port)
 
+    def set_under_load(self, under_load: bool, now: float) -> None:
+        """Mirror the engine's under-load state into XDP (its initiation rate limits).
+
+        XDP stays under load while its limits were still dropping initiations
+        within the last UNDER_LOAD_HOLD s (see housekeeping): the engine only
+        counts what XDP lets through, and releasing XDP because that trickle
+        paused would let a flood burst through until the engine re-engages.
+        Writes the config map only when the state changes, so the daemon can call
+        this after every batch of datagrams.
+        """
+        under_load = under_load or now < self._shed_until
+        if under_load == self._under_load:
+            return
+        try:
+            self.prog.set_under_load(under_load)
+        except XdpError as e:
+            log.warning("XDP under-load flag: %s", e)
+            return
+        self._under_load = under_load
+        log.info("under load: %s (XDP initiation rate limit %s)", under_load,
+                 "on" if under_load else "off")
+
     def housekeeping(self, now: float) -> None:
-        """Raise the XDP counter floors of live sessions (drop far-behind replays early)."""
+        """Raise the XDP counter floors of live sessions (drop far-behind replays early)
+        and release the XDP rate limit once the engine is no longer under load."""
+        if self._under_load:
+            try:
+                v = self.prog.verdicts()
+                shed = v.get("drop_ratelimit", 0) + v.get("drop_ratelimit_global", 0)
+            except XdpError:
+                shed = self._shed
+            if shed != self._shed:
+                self._shed_until = now + UNDER_LOAD_HOLD
+            self._shed = shed
+        self.set_under_load(self.engine.under_load(now), now)
         if now - self._last_floor < 1.0:
             return
         self._last_floor = now
@@ -274,6 +339,7 @@ class FastPath:
             "workers": len(self.pool.specs),
             "worker_restarts": self.pool.restarts,
             "worker_pids": ",".join(map(str, self.pool.pids())),
+            "xdp_under_load": int(self.prog.under_load),
         }
         for name, value in self.prog.verdicts().items():
             out[f"xdp.{name}"] = value

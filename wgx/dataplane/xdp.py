@@ -13,7 +13,9 @@ on every packet arriving on the interface gets one verdict (VERDICT_NAMES):
 * handshake initiation (148 B), response (92 B), cookie reply (64 B) -> XDP_PASS,
   i.e. the daemon's UDP socket; with ``set_under_load(True)`` initiations first
   pass a per-source token bucket (IPv4 address / IPv6 /64; default 20/s, burst 5,
-  like the kernel's ratelimiter) and the excess is dropped;
+  like the kernel's ratelimiter) and the excess is dropped; with
+  ``set_global_ratelimit`` they then also pass one global budget unless their
+  source is in ``known`` (``set_known_sources``: configured peers' endpoints);
 * transport data (>= 32 B, (len - 16) % 16 == 0) whose receiver index is in
   ``sessions`` and whose counter is >= that session's floor -> XDP_REDIRECT to the
   AF_XDP socket bound on the packet's rx queue (``set_xsk``).  If no socket is
@@ -51,13 +53,16 @@ are netns-agnostic; only the netlink calls (attach/detach/query) run in
 Map layouts (all host byte order unless noted):
 
 * ``config``    ARRAY[1]: struct wgx_config {u16 listen_port; u16 pad; u32 flags
-  (bit 0: under_load); u64 rl_cost_ns; u64 rl_max_ns}  -- CONFIG_FMT
+  (bit 0: under_load); u64 rl_cost_ns; u64 rl_max_ns; u64 gl_cost_ns;
+  u64 gl_max_ns}  -- CONFIG_FMT
 * ``sessions``  HASH[65536]: key u32 receiver index as its 4 wire bytes (pack "<I");
   value struct wgx_session {u64 floor; u32 peer_id; u32 flags}  -- SESSION_FMT
 * ``xsks``      XSKMAP[64]: key u32 rx queue, value u32 AF_XDP socket fd
 * ``ratelimit`` LRU_HASH[16384]: key struct wgx_rl_key {u32 family (4|6);
   u32 addr[2]} (IPv4 address in addr[0] / IPv6 /64, network order);
   value struct wgx_rl_state {u64 last_ns; u64 tokens}
+* ``known``     HASH[4096]: key struct wgx_rl_key, value u32 (unused): sources
+  exempt from the global bucket; ``global_rl`` PERCPU_ARRAY[1] wgx_rl_state
 * ``verdicts``  PERCPU_ARRAY[len(VERDICT_NAMES)]: struct wgx_counter {u64 packets;
   u64 bytes (L2 frame length)}
 """
@@ -67,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import ipaddress
 import json
 import os
 import platform
@@ -98,15 +104,18 @@ VERDICT_NAMES: tuple[str, ...] = (
     "drop_unknown_index",   # type 4, receiver index not in sessions
     "drop_stale_counter",   # type 4, counter below the session's floor
     "drop_ratelimit",       # type 1 under load, source over its rate
+    "drop_ratelimit_global",  # type 1 under load, unknown source, global budget spent
 )
 
 PROG_NAME = "wgx_xdp"          # the C function; also the kernel's program name
-MAP_NAMES = ("config", "sessions", "xsks", "ratelimit", "verdicts")
+MAP_NAMES = ("config", "sessions", "xsks", "ratelimit", "verdicts", "known")
 SESSIONS_MAX = 65536
 XSKS_MAX = 64
 RATELIMIT_MAX = 16384
+KNOWN_MAX = 4096
 
-CONFIG_FMT = struct.Struct("=HHIQQ")    # struct wgx_config
+CONFIG_FMT = struct.Struct("=HHIQQQQ")  # struct wgx_config
+RL_KEY_FMT = struct.Struct("=I8s")      # struct wgx_rl_key: family, addr[2] (wire order)
 SESSION_FMT = struct.Struct("=QII")     # struct wgx_session
 COUNTER_FMT = struct.Struct("=QQ")      # struct wgx_counter
 INDEX_FMT = struct.Struct("<I")         # sessions key: receiver index, wire bytes
@@ -714,7 +723,7 @@ class XdpProgram:
     # -- config
     def _config(self) -> list[int]:
         raw = self._map("config").lookup(U32.pack(0))
-        return list(CONFIG_FMT.unpack(raw)) if raw else [0, 0, 0, 0, 0]
+        return list(CONFIG_FMT.unpack(raw)) if raw else [0] * 7
 
     def _set_config(self, cfg: list[int]) -> None:
         self._map("config").update(U32.pack(0), CONFIG_FMT.pack(*cfg))
@@ -749,6 +758,41 @@ class XdpProgram:
         cfg = self._config()
         cfg[3], cfg[4] = cost, cost * burst
         self._set_config(cfg)
+
+    def set_global_ratelimit(self, per_second: float, burst: int) -> None:
+        """Under load, initiations from sources not in `known`: about `per_second` in
+        total (one bucket per CPU, each with 1/ncpus of the rate), bursts of `burst`
+        per CPU. per_second <= 0 turns the global budget off."""
+        cfg = self._config()
+        if per_second <= 0:
+            cfg[5] = cfg[6] = 0
+        else:
+            cost = int(1e9 * possible_cpus() / per_second)
+            cfg[5], cfg[6] = cost, cost * max(1, burst)
+        self._set_config(cfg)
+
+    @staticmethod
+    def source_key(addr: str) -> bytes:
+        """The ratelimit/known map key of a source address (IPv6: its /64)."""
+        ip = ipaddress.ip_address(addr)
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.version == 4:
+            return RL_KEY_FMT.pack(4, ip.packed + bytes(4))
+        return RL_KEY_FMT.pack(6, ip.packed[:8])
+
+    def set_known_sources(self, addrs: Sequence[str]) -> None:
+        """Make `addrs` exactly the sources exempt from the global initiation budget."""
+        m = self._map("known")
+        want = {self.source_key(a) for a in addrs}
+        have = set(m.iter_keys())
+        for key in have - want:
+            m.delete(key)
+        for key in want - have:
+            m.update(key, U32.pack(1))
+
+    def known_sources(self) -> list[bytes]:
+        return list(self._map("known").iter_keys())
 
     # -- sessions
     def add_session(self, index: int, min_counter: int = 0, peer_id: int = 0) -> None:

@@ -219,6 +219,8 @@ class Engine:
             self._hs_in_window = 0
         self._hs_in_window += 1
         if self._hs_in_window >= UNDER_LOAD_HANDSHAKES_PER_SECOND:
+            if now >= self._under_load_until:
+                self.stats["under_load_engaged"] += 1  # one per episode, not per message
             self._under_load_until = now + UNDER_LOAD_HOLD
         return now < self._under_load_until
 
