@@ -1221,3 +1221,16 @@ def test_hostile_datagrams_never_raise_or_change_state(items, src, now) -> None:
     assert p.pb.current is kp
     for data, _ in p.B.datagrams:
         assert mtype(data) == MSG_COOKIE_REPLY  # the only thing junk can earn
+
+
+def test_bad_mac1_flood_also_puts_under_load() -> None:
+    """Like the kernel's handshake queue, the load count includes messages whose mac1
+    fails: otherwise a flood of random 148-byte initiations never switches on XDP's
+    initiation rate limits and all of it reaches Python."""
+    p = Pair()
+    junk = bytes([1, 0, 0, 0]) + bytes(144)
+    for _ in range(UNDER_LOAD_HANDSHAKES_PER_SECOND):
+        p.B.receive_datagram(junk, EVIL, 10.0)
+    assert p.B.drops["bad_mac1"] == UNDER_LOAD_HANDSHAKES_PER_SECOND
+    assert p.B.under_load(10.0) and p.B.stats["under_load_engaged"] == 1
+    assert p.B.datagrams == []  # no cookie reply to a message without a valid mac1

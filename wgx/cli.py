@@ -651,7 +651,9 @@ def bench(
     = "tcp1,tcp4,udp1372,udp64,ping,tcp1_junk",
     out: Annotated[str | None, typer.Option(
         help="Output directory (default ./bench-results/TIMESTAMP).")] = None,
-    junk_pps: Annotated[int, typer.Option(help="Junk datagrams per second.")] = 50_000,
+    junk_pps: Annotated[int, typer.Option(
+        help="Junk datagrams per second in tcp1_junk; 0: as fast as the junk namespace can "
+             "send (an AF_PACKET TX ring).")] = 0,
     udp_buffer: Annotated[str, typer.Option(
         help="Socket buffer (iperf3 -w) of both ends in the UDP tests, every path alike; "
              "0 keeps iperf3's default.")] = "2M",

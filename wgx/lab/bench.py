@@ -87,7 +87,7 @@ class BenchConfig:
     udp_step_duration: float | None = None  # default: duration
     ping_count: int = 200
     ping_interval: float = 0.01
-    junk_pps: int = 50_000
+    junk_pps: int = 0  # 0: as fast as the junk namespace can send (AF_PACKET TX ring)
     # iperf3 -w for the UDP tests, every path alike ("0": iperf3's default). With the
     # default 208 KB, the receiving iperf3's socket overflows whenever it waits for a
     # CPU, which measures the scheduler rather than the path.
@@ -119,6 +119,8 @@ class BenchConfig:
             raise LabError(f"--repeat {self.repeat}: use 1 to 50")
         if not (2 <= self.udp_steps <= 20):
             raise LabError(f"udp steps {self.udp_steps}: use 2 to 20")
+        if self.junk_pps < 0:
+            raise LabError(f"--junk-pps {self.junk_pps}: use 0 (as fast as possible) or more")
         if not re.fullmatch(r"0|[1-9][0-9]*[KM]?", self.udp_buffer):
             raise LabError(f"--udp-buffer {self.udp_buffer}: use 0 (iperf3's default) or a "
                            "size such as 2M")
@@ -421,10 +423,15 @@ class Bench:
         st = pl.state
         if st is None or not st.junk:
             return None
-        count = int(self.cfg.junk_pps * seconds)
-        argv = ["ip", "netns", "exec", st.junk["ns"], sys.executable, "-c", _JUNK_PY,
-                st.junk["target"], str(st.junk["port"]), f"{seconds:g}", str(self.cfg.junk_pps),
-                str(count)]
+        if self.cfg.junk_pps == 0:  # as fast as the junk namespace can send
+            argv = ["ip", "netns", "exec", st.junk["ns"], sys.executable, "-m",
+                    "wgx.lab.flood", "--junk", "--dst", st.junk["target"], "--port",
+                    str(st.junk["port"]), "--seconds", f"{seconds:g}"]
+        else:
+            count = int(self.cfg.junk_pps * seconds)
+            argv = ["ip", "netns", "exec", st.junk["ns"], sys.executable, "-c", _JUNK_PY,
+                    st.junk["target"], str(st.junk["port"]), f"{seconds:g}",
+                    str(self.cfg.junk_pps), str(count)]
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
 

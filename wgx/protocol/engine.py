@@ -489,6 +489,10 @@ class Engine:
 
     def _handshake_gate(self, data: bytes, sender: int, src: Endpoint, now: float) -> bool:
         """mac1, and under load mac2 (else a cookie reply) plus the per-source rate limit."""
+        # Every handshake message of the right size counts towards "under load", as in
+        # the kernel (its handshake queue fills before MACs are checked): a flood of
+        # bad-mac1 initiations must also switch on the XDP rate limits.
+        under_load = self._note_handshake(now)
         checker = self._checker
         if checker is None:
             self.drops["no_private_key"] += 1
@@ -496,7 +500,7 @@ class Engine:
         if not checker.check_mac1(data):
             self.drops["bad_mac1"] += 1
             return False
-        if not self._note_handshake(now):
+        if not under_load:
             return True
         source = endpoint_bytes(src)
         if not checker.check_mac2(data, source, now):
