@@ -81,3 +81,15 @@ def lab():
     """A fresh two-host netlab.Lab, torn down after the test."""
     with netlab.Lab() as the_lab:
         yield the_lab
+
+
+@pytest.fixture
+def lab_name():
+    """A fresh `wgx lab` name; the lab is taken down afterwards if the test left it up."""
+    import secrets
+    import subprocess
+
+    name = f"wgxt{secrets.token_hex(3)}"
+    yield name
+    if (Path("/run/wgx-lab") / name / "state.json").exists():
+        subprocess.run(["wgx", "lab", "down", "--name", name], capture_output=True, timeout=120)

@@ -21,7 +21,6 @@ import heapq
 import json
 import os
 import re
-import secrets
 import subprocess
 import sys
 import time
@@ -310,13 +309,6 @@ def transfer(name: str) -> tuple[dict, dict]:
             recv.wait()
     return json.loads(sent.stdout), json.loads(out)
 
-
-@pytest.fixture
-def lab_name():
-    name = f"wgxi{secrets.token_hex(3)}"
-    yield name
-    if (STATE_ROOT / name / "state.json").exists():
-        subprocess.run(["wgx", "lab", "down", "--name", name], capture_output=True, timeout=120)
 
 
 @pytest.mark.privileged

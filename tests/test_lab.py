@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -54,13 +53,6 @@ def assert_clean(name: str, pids: list[int] = ()) -> None:
         time.sleep(0.05)
     assert not [p for p in pids if alive(p)], f"processes left behind: {pids}"
 
-
-@pytest.fixture
-def lab_name():
-    name = f"wgxt{secrets.token_hex(3)}"
-    yield name
-    if (STATE_ROOT / name / "state.json").exists():
-        subprocess.run(["wgx", "lab", "down", "--name", name], capture_output=True, timeout=120)
 
 
 def exec_ok(name: str, host: str, *cmd: str) -> str:
