@@ -6,6 +6,10 @@ environment variable CI=true: then it FAILS with the reason, because a skipped
 privileged test in CI would hide that the interop suite never ran.  The same
 holds for any skip raised later inside such a test (e.g. a missing
 implementation binary): under CI=true it is reported as a failure.
+
+The keyguard plugin (tests/keyguard.py) is registered here: it collects every
+secret key the suite uses and fails the session if one appears in any test's
+captured output or in a daemon log netlab wrote.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+import keyguard
 import netlab
 import pytest
 
@@ -38,6 +43,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "privileged: needs root, network namespaces and TUN (never skipped under CI=true)",
     )
+    # Fails the session if a secret key the suite used appears in its output (issue 6).
+    if not config.pluginmanager.has_plugin("keyguard"):
+        config.pluginmanager.register(keyguard, "keyguard")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

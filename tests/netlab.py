@@ -919,6 +919,8 @@ class Lab:
             if self._runwg:
                 self._runwg = False
                 _release_run_wireguard()
+            if self.dir is not None:
+                _keyguard_observe(self.dir)
             if self.dir is not None and not self.keep_dir:
                 shutil.rmtree(self.dir, ignore_errors=True)
             _live_labs.discard(self)
@@ -1246,6 +1248,14 @@ class Lab:
             if h.daemon_log is not None:
                 parts.append(f"--- daemon log {h} ---\n{h.daemon_output()}")
         return "\n".join(parts)
+
+
+def _keyguard_observe(directory: Path) -> None:
+    """Hand the lab's key files and daemon logs to the keyguard plugin, if it is loaded."""
+    keyguard = sys.modules.get("keyguard")
+    if keyguard is not None:
+        with contextlib.suppress(Exception):  # the check never breaks a teardown
+            keyguard.observe_tree(directory)
 
 
 def _readline_with_timeout(proc: subprocess.Popen, timeout: float) -> str:

@@ -30,7 +30,7 @@ def test_socket_modes_and_sigterm(lab: netlab.Lab) -> None:
     p = h.start_daemon(WGX, "wgx0")
     sock = h.socket_path("wgx0")
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(h.uapi_dir).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(h.uapi_dir).st_mode) == 0o700  # root-only (issue 6)
     assert "listening port" in h.wg("show", "wgx0")
     p.send_signal(signal.SIGTERM)
     assert wait_exit(p) == 0

@@ -114,6 +114,13 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _require_root(command: str) -> None:
+    """Refuse before touching anything: these commands manage links, routes and the
+    root-only UAPI directory, so an unprivileged run could only fail halfway."""
+    if os.geteuid() != 0:
+        raise _fail(f"`wgx {command}' must be run as root")
+
+
 def _load_config(target: str) -> config.Config:
     try:
         conf = config.load(config.resolve(target))
@@ -150,6 +157,7 @@ def up(
 
     Example: [bold]wgx up wg0[/bold]  or  [bold]wgx up ./lab/alpha.conf --netns alpha[/bold]
     """
+    _require_root("up")
     if dataplane not in ("auto", "xdp", "socket"):
         raise _fail(f"--dataplane {dataplane!r}: use auto, xdp or socket", 2)
     iface = _interface(target, netns, dataplane)
@@ -172,6 +180,7 @@ def down(
 
     Example: [bold]wgx down wg0[/bold]
     """
+    _require_root("down")
     iface = _interface(target, netns)
     try:
         iface.down()
@@ -260,6 +269,7 @@ def show(
 
     Example: [bold]wgx show wg0 --json[/bold]
     """
+    _require_root("show")
     names = exporter.interfaces() if target == "all" else [target]
     try:
         infos = [_show_one(n, show_keys) for n in names]
@@ -313,6 +323,7 @@ def showconf(
 
     Example: [bold]wgx showconf wg0 > wg0.conf[/bold]
     """
+    _require_root("showconf")
     try:
         dev = UapiClient(iface).get()
     except UapiClientError as e:
@@ -334,6 +345,7 @@ def set(  # noqa: A001 (the command is called set, like `wg set`)
 
     Example: [bold]wgx set wg0 peer KEY= endpoint 198.18.0.2:51820 allowed-ips 10.99.0.2/32[/bold]
     """
+    _require_root("set")
     try:
         body = wgset.to_uapi(list(ctx.args))
         UapiClient(iface).set(body)

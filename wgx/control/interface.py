@@ -125,8 +125,14 @@ class Interface:
     # ----------------------------------------------------------------------- up
 
     def up(self) -> None:
-        """Create and configure the interface; on failure undo everything and raise."""
+        """Create and configure the interface; on failure undo everything and raise.
+
+        A state file left by an earlier `up` whose daemon is dead (SIGKILL, OOM,
+        crash) is undone first and reported through `log`; if that daemon still
+        runs, the interface is up and this raises.
+        """
         cfg.validate_for_up(self.config)
+        self._clear_stale_state()
         with NetConf(self.netns) as nc:
             if nc.link_index(self.name) is not None:
                 raise InterfaceError(f"{self.name} already exists")
@@ -141,6 +147,37 @@ class Interface:
                               subprocess.SubprocessError)):
                 raise InterfaceError(f"{self.name}: {e}") from None
             raise
+
+    def _load_state(self) -> UpState | None:
+        try:
+            data = json.loads(self.state_file.read_text())
+            state = UpState(**data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as e:
+            raise InterfaceError(f"unreadable state file {self.state_file}: {e}; check it and "
+                                 "remove it by hand") from None
+        state.sysctls = [tuple(s) for s in state.sysctls]  # type: ignore[misc]
+        return state
+
+    def _clear_stale_state(self) -> None:
+        """Undo what a previous `up` recorded if its daemon died without `down`.
+
+        Automatic rather than an error, because nothing of it can still be in use:
+        the link (and with it addresses and routes) went with the daemon, and what
+        outlives it -- policy rules, sysctls, DNS, the state file -- belongs to this
+        interface name only.  The XDP program a dead daemon leaves on the underlay
+        is removed by the next daemon when it attaches (xdp.cleanup_stale).
+        """
+        state = self._load_state()
+        if state is None:
+            return
+        if state.daemon_pid and _daemon_alive(state.daemon_pid, self.name):
+            raise InterfaceError(f"{self.name} is already up (daemon pid {state.daemon_pid})")
+        self.log(f"{self.name}: daemon pid {state.daemon_pid} of an earlier `up` is gone; "
+                 f"removing what it left (rules {len(state.rules)}, sysctls "
+                 f"{len(state.sysctls)}, dns {'yes' if state.dns else 'no'}, state file)")
+        self._undo(state)
 
     def _save_state(self, state: UpState) -> None:
         path = self.state_file
@@ -329,9 +366,10 @@ class Interface:
                     raise InterfaceError(f"{self.name} is not up")
             raise InterfaceError(f"{self.name} exists but was not brought up by wgx "
                                  f"(no {path}); use `wg-quick down` or `ip link del`")
-        state = UpState(**json.loads(path.read_text()))
-        state.sysctls = [tuple(s) for s in state.sysctls]  # type: ignore[misc]
-        if self.config.interface.save_config:
+        state = self._load_state()
+        assert state is not None
+        dead = bool(state.daemon_pid) and not _daemon_alive(state.daemon_pid or 0, self.name)
+        if self.config.interface.save_config and not dead:  # a dead daemon has nothing to save
             self.save_config()
         self._hooks("PreDown")
         self._undo(state)
@@ -370,12 +408,36 @@ class Interface:
             raise InterfaceError("; ".join(errors))
 
     def _wait_daemon_gone(self, state: UpState) -> None:
+        """Wait for the daemon to exit (it does when its link goes); TERM it after 5 s.
+
+        A dead daemon's socket is removed; a pid is only signalled while it is
+        still that daemon (pids get reused after a crash).
+        """
+        pid = state.daemon_pid
         deadline = time.monotonic() + 5
         while self.uapi.exists() and time.monotonic() < deadline:
+            if pid and not _daemon_alive(pid, self.name):
+                break
             time.sleep(0.02)
-        if self.uapi.exists() and state.daemon_pid:
+        if not self.uapi.exists():
+            return
+        if pid and _daemon_alive(pid, self.name):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(state.daemon_pid, 15)
+                os.kill(pid, 15)
+        elif not self.uapi.is_live():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.uapi.path)
+
+
+def _daemon_alive(pid: int, iface: str) -> bool:
+    """Is `pid` a running wgx-userspace for `iface` (not a reused pid)?"""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return status not in ("Z", "X") and any(a.endswith(b"wgx-userspace") for a in argv) \
+        and iface.encode() in argv
 
 
 def with_live_state(config: cfg.Config, live: DeviceState) -> cfg.Config:

@@ -25,6 +25,10 @@ from wgx.protocol.engine import ConfigError, Engine, check_public_key
 log = logging.getLogger("wgx.uapi")
 
 SOCKET_DIR = "/var/run/wireguard"
+# Root-only: a socket there configures keys and routes.  wireguard-go creates the
+# directory 0755; the socket itself is 0600 either way, the directory adds a
+# second barrier and hides which interfaces exist.
+SOCKET_DIR_MODE = 0o700
 MAX_REQUEST = 1 << 20
 MAX_CLIENTS = 16
 
@@ -278,8 +282,8 @@ class UapiServer:
 
     def __init__(self, iface: str, directory: str = SOCKET_DIR) -> None:
         self.path = socket_path(iface, directory)
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        os.chmod(directory, 0o755)
+        os.makedirs(directory, mode=SOCKET_DIR_MODE, exist_ok=True)
+        os.chmod(directory, SOCKET_DIR_MODE)
         self._claim_path()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o077)

@@ -75,6 +75,15 @@ class UapiClient:
     def exists(self) -> bool:
         return os.path.exists(self.path)
 
+    def is_live(self) -> bool:
+        """Does a daemon accept connections on the socket (not just a stale file)?"""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(self.path)
+            except OSError:
+                return False
+        return True
+
     def set(self, body: str) -> None:
         """Send `set=1` with key=value lines `body` (no trailing blank line needed)."""
         _exchange(self.path, "set=1\n" + body.strip("\n") + "\n\n")
