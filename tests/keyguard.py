@@ -134,8 +134,12 @@ def observe(where: str, text: str) -> None:
         SEEN.setdefault(value, set()).add((where, form))
 
 
-def observe_tree(root: Path | str) -> None:
-    """Register the secrets in a test directory's key/config files; observe its logs."""
+def observe_tree(root: Path | str, label: str | None = None) -> None:
+    """Register the secrets in a test directory's key/config files; observe its logs.
+
+    Findings in a log are reported as `label` (default: the running test) plus
+    the log's path below `root`.
+    """
     root = Path(root)
     if not root.is_dir():
         return
@@ -144,7 +148,8 @@ def observe_tree(root: Path | str) -> None:
             path = Path(dirpath) / f
             if f.endswith(".log"):
                 if (text := _read(path)) is not None:
-                    observe(f"{_current[0]} (log file {f})", text)
+                    rel = path.relative_to(root)
+                    observe(f"{label or _current[0]} (log file {rel})", text)
             elif f.endswith((".conf", ".key")) or "psk" in f or "priv" in f:
                 register_file(path)
 
@@ -271,7 +276,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     factory = getattr(session.config, "_tmp_path_factory", None)
     base = getattr(factory, "_basetemp", None)
     if base is not None:
-        observe_tree(base)
+        observe_tree(base, "tmp_path")
     _findings[:] = findings()
     if _findings and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
