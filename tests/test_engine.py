@@ -1234,3 +1234,97 @@ def test_bad_mac1_flood_also_puts_under_load() -> None:
     assert p.B.drops["bad_mac1"] == UNDER_LOAD_HANDSHAKES_PER_SECOND
     assert p.B.under_load(10.0) and p.B.stats["under_load_engaged"] == 1
     assert p.B.datagrams == []  # no cookie reply to a message without a valid mac1
+
+
+# ------------------------------------------------- low-order keys in handshakes (issue 6)
+# Keys of low order are refused at configuration time (above), so a handshake with
+# such a peer cannot even start.  What remains is an attacker who puts a low-order
+# point into the *ephemeral* field of an otherwise well-formed message (valid mac1):
+# the first DH gives the all-zero value and the message must be dropped before any
+# state changes, for all 14 encodings (7 points, with and without the high bit).
+
+LOW_ORDER_ENCODINGS = LOW_ORDER + [k[:31] + bytes([k[31] | 0x80]) for k in LOW_ORDER]
+
+
+@pytest.mark.parametrize("point", LOW_ORDER_ENCODINGS,
+                         ids=[f"low{i}" for i in range(len(LOW_ORDER_ENCODINGS))])
+def test_initiation_with_low_order_ephemeral_never_completes(point: bytes) -> None:
+    p = Pair()
+    p.A.initiate_handshake(p.pa, 0.0)
+    (init, ep), = p.net.take(p.A)
+    forged = CookieGenerator(p.pub_b).add_macs(init[:8] + point + init[40:116] + bytes(32), 0.0)
+    assert len(forged) == len(init) and forged[8:40] == point
+    p.B.receive_datagram(forged, A_ADDR, 0.0)
+    assert p.B.datagrams == []  # no response, no cookie reply
+    assert p.B.drops["handshake_auth"] == 1, dict(p.B.drops)
+    assert p.pb.keypairs() == [] and p.pb.handshake is None and len(p.B.indices) == 0
+    # The genuine initiation still works afterwards: nothing was poisoned.
+    p.B.receive_datagram(init, A_ADDR, 0.1)
+    p.net.pump(0.1)
+    assert p.pa.current is not None and p.pb.keypairs() != []
+
+
+@pytest.mark.parametrize("point", LOW_ORDER_ENCODINGS,
+                         ids=[f"low{i}" for i in range(len(LOW_ORDER_ENCODINGS))])
+def test_response_with_low_order_ephemeral_never_completes(point: bytes) -> None:
+    p = Pair()
+    p.A.initiate_handshake(p.pa, 0.0)
+    p.net.send_from(p.A, 0.0)  # B answers
+    (resp, _), = p.net.take(p.B)
+    assert mtype(resp) == MSG_RESPONSE
+    body = resp[:12] + point + resp[44:60] + bytes(32)
+    forged = CookieGenerator(p.pub_a).add_macs(body, 0.0)
+    p.A.receive_datagram(forged, B_ADDR, 0.0)
+    assert p.A.datagrams == []
+    assert p.A.drops["handshake_auth"] == 1, dict(p.A.drops)
+    assert p.pa.keypairs() == []
+    assert p.pa.handshake is not None  # still waiting for a genuine response
+    p.A.receive_datagram(resp, B_ADDR, 0.1)
+    assert p.pa.current is not None
+
+
+# ------------------------------------------- a peer restarting with the same key (issue 6)
+
+def test_restarted_peer_handshakes_again_and_old_session_is_dropped() -> None:
+    """B loses all state (process restart, same key) and initiates; A accepts it.
+
+    Like the kernel (noise.c add_new_keypair): the old session S1 survives as
+    `previous` for one rotation, so in-flight packets of it still arrive (replay
+    protected), and is gone after the next handshake: its packets then count as
+    unknown_index and never reach the TUN.
+    """
+    p = Pair()
+    p.establish(0.0)
+    p.net.drop = lambda s, d, data: mtype(data) == MSG_TRANSPORT
+    p.b_to_a(1.0, b"s1-delivered")
+    p.b_to_a(1.0, b"s1-in-flight")
+    p.net.pump(1.0)
+    p.net.drop = None
+    (s1, _, delivered), (_, _, in_flight) = p.net.held
+    p.A.receive_datagram(delivered, s1, 1.0)
+    assert len(p.A.tun) == 1
+    old_index = p.pa.current.local_index
+    for restart, now in enumerate((5.0, 10.0)):
+        # B restarts: a new engine with the same private key, knowing A's endpoint.
+        p.B = Engine(p.kb, random=rng(100 + restart), wall_offset=WALL + now)
+        p.pb = p.B.add_peer(p.pub_a)
+        p.B.allowed.insert("10.0.0.1/32", p.pb)
+        p.pb.endpoint = A_ADDR
+        p.net.attach(p.B, B_ADDR)
+        p.b_to_a(now, f"after restart {restart}".encode())
+        p.net.run(now, now + 1.0)
+        assert p.pb.current is not None and p.pb.current.initiator
+        assert p.pa.current is not None and p.pa.current.remote_index == \
+            p.pb.current.local_index, "A did not take the new session"
+        assert p.A.tun[-1].endswith(f"after restart {restart}".encode())
+        if restart == 0:
+            assert p.pa.previous is not None and p.pa.previous.local_index == old_index
+            tun = len(p.A.tun)
+            p.A.receive_datagram(delivered, s1, now + 1.0)  # a replay of S1
+            assert len(p.A.tun) == tun and p.A.drops["replay"] == 1
+    assert old_index not in p.A.indices
+    assert all(kp.local_index != old_index for kp in p.pa.keypairs())
+    tun = len(p.A.tun)
+    p.A.receive_datagram(delivered, s1, 11.0)
+    p.A.receive_datagram(in_flight, s1, 11.0)  # never delivered, still refused
+    assert len(p.A.tun) == tun and p.A.drops["unknown_index"] == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 
 import pytest
+from test_crypto import LOW_ORDER  # the published low-order points
 
 from wgx.control import uapi
 from wgx.protocol import crypto
@@ -127,12 +128,14 @@ def test_bad_requests_are_einval_and_change_nothing(bad: str) -> None:
     assert dev.ports == []
 
 
-def test_low_order_public_key_refused() -> None:
+@pytest.mark.parametrize("low", LOW_ORDER + [k[:31] + bytes([k[31] | 0x80]) for k in LOW_ORDER])
+def test_low_order_public_key_refused(low: bytes) -> None:
+    """All 7 published low-order points, also with the high bit set (14 encodings)."""
     dev = FakeDevice()
-    # 0x00...01 (the identity element encoding) is of low order.
-    low = (1).to_bytes(32, "little")
-    assert request(dev, f"set=1\npublic_key={low.hex()}") == f"errno=-{errno.EINVAL}\n\n"
-    assert not dev.engine.peers
+    before = request(dev, "get=1")
+    body = f"set=1\nlisten_port=1111\npublic_key={pub().hex()}\npublic_key={low.hex()}"
+    assert request(dev, body) == f"errno=-{errno.EINVAL}\n\n"
+    assert not dev.engine.peers and request(dev, "get=1") == before
 
 
 def test_port_in_use_is_reported_and_nothing_else_applied() -> None:
@@ -171,3 +174,18 @@ def test_wgx_stats_request() -> None:
 def test_parse_endpoint(text: str, expected: tuple[str, int]) -> None:
     assert uapi.parse_endpoint(text) == expected
     assert uapi.parse_endpoint(uapi.format_endpoint(expected)) == expected
+
+
+@pytest.mark.parametrize("low", LOW_ORDER + [k[:31] + bytes([k[31] | 0x80]) for k in LOW_ORDER])
+def test_wgx_set_refuses_low_order_key_before_any_request(low: bytes) -> None:
+    """`wgx set` checks the key itself (exit 2, no socket touched, any user)."""
+    import base64
+
+    from typer.testing import CliRunner
+
+    from wgx.cli import app
+
+    key = base64.b64encode(low).decode()
+    res = CliRunner().invoke(app, ["set", "wgxnone0", "peer", key, "allowed-ips", "10.9.9.9/32"])
+    assert res.exit_code == 2, res.output
+    assert "low-order" in res.output and "wgxnone0" not in res.output, res.output

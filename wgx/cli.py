@@ -345,12 +345,13 @@ def set(  # noqa: A001 (the command is called set, like `wg set`)
 
     Example: [bold]wgx set wg0 peer KEY= endpoint 198.18.0.2:51820 allowed-ips 10.99.0.2/32[/bold]
     """
-    _require_root("set")
     try:
-        body = wgset.to_uapi(list(ctx.args))
-        UapiClient(iface).set(body)
+        body = wgset.to_uapi(list(ctx.args))  # pure: arguments are checked for anyone
     except wgset.WgSetError as e:
         raise _fail(str(e), 2) from None
+    _require_root("set")
+    try:
+        UapiClient(iface).set(body)
     except UapiClientError as e:
         raise _fail(str(e)) from None
 
