@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,11 +56,16 @@ def test_register_ignores_degenerate_keys_and_public_files(tmp_path: Path) -> No
 def _run_pytest(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
     (tmp_path / "test_sample.py").write_text(body)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "keyguard", "-p", "no:cacheprovider",
-         "--rootdir", str(tmp_path), "--basetemp", str(tmp_path / "base"),
-         str(tmp_path / "test_sample.py")],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "keyguard", "-p", "no:cacheprovider",
+             "--rootdir", str(tmp_path), "--basetemp", str(tmp_path / "base"),
+             str(tmp_path / "test_sample.py")],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    finally:
+        # The planted leaks must not be found again by this session's own keyguard,
+        # which scans its tmp_path tree (this directory is inside it) at the end.
+        shutil.rmtree(tmp_path / "base", ignore_errors=True)
 
 
 LEAKY = '''
