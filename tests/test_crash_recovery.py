@@ -21,11 +21,13 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import netlab
@@ -45,6 +47,15 @@ from test_fastpath import (
 )
 
 from wgx.dataplane import xdp
+
+
+@pytest.fixture(autouse=True)
+def _no_state_left(lab: netlab.Lab) -> Iterator[None]:
+    """A failing test leaves no /run/wgx/NETNS behind (its namespace is ours and unique)."""
+    yield
+    for h in lab.hosts.values():
+        shutil.rmtree(f"/run/wgx/{h.name}", ignore_errors=True)
+
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 

@@ -22,12 +22,22 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import keyguard
 import netlab
 import pytest
 from test_cli_tunnel import IFACE, assert_clean, settled, wgx, wgx_ok, write_conf
+
+
+@pytest.fixture(autouse=True)
+def _no_state_left(lab: netlab.Lab) -> Iterator[None]:
+    """A failing test leaves no /run/wgx/NETNS behind (its namespace is ours and unique)."""
+    yield
+    for h in lab.hosts.values():
+        shutil.rmtree(f"/run/wgx/{h.name}", ignore_errors=True)
+
 
 pytestmark = pytest.mark.privileged
 
