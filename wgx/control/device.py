@@ -309,7 +309,7 @@ class Device:
         if engine.tun:
             if self.tun.vnet_hdr:
                 write = self.tun.write_vnet
-                for buf in offload.coalesce(engine.tun):
+                for buf in offload.coalesce(engine.tun, udp=self.tun.uso):
                     write(buf)
             else:
                 write = self.tun.write
