@@ -1307,3 +1307,4 @@ def test_benchmark_prints_numbers(capsys):
     # Generous bounds: this only catches an accidental fall back to per-byte Python.
     assert res["split_v4_64k_x1_us_per_segment"] < 10
     assert res["coalesce_v4_64pkt_verify=True_us_per_packet"] < 20
+    assert res["coalesce_udp_v4_64x1372_udp=True_us_per_packet"] < 20

@@ -247,3 +247,39 @@ def test_tx_batch_frames_decrypt_to_the_padded_packets(rig: Any) -> None:
         assert len(plain) == padded_len(size, MTU)
         assert plain == packet + bytes(len(plain) - size)
     assert w.slots.send_counter(kp.slot) == len(sizes)
+
+
+@pytest.mark.parametrize("uso", [True, False])
+def test_write_tun_coalesces_udp_only_if_the_tun_took_uso(uso: bool) -> None:
+    """`_write_tun` passes the TUN's USO state to coalesce: a UDP run is one USO
+    write with it, one write per datagram without."""
+    from types import SimpleNamespace
+
+    from wgx.dataplane import offload
+    from wgx.dataplane.tun import Tun
+    from wgx.dataplane.worker import Worker
+
+    flags = offload.TUN_TCP_OFFLOADS | (offload.TUN_UDP_OFFLOADS if uso else 0)
+    assert Tun(-1, "x", vnet_hdr=True, offloads=flags).uso is uso
+    assert Tun(-1, "x", vnet_hdr=False, offloads=flags).uso is False
+    writes: list[bytes] = []
+    tun = SimpleNamespace(vnet_hdr=True, uso=uso, write_vnet=lambda b: writes.append(bytes(b)))
+    dgrams = []
+    for _ in range(5):  # DF, UDP checksum 0 ("none"), a valid IPv4 header checksum
+        d = bytearray(_inner(size=1000))
+        words = sum(struct.unpack("!10H", bytes(d[:20])))
+        while words >> 16:
+            words = (words & 0xFFFF) + (words >> 16)
+        struct.pack_into("!H", d, 10, ~words & 0xFFFF)
+        dgrams.append(bytes(d))
+    fake = SimpleNamespace(_rx_out=[memoryview(d) for d in dgrams], tun=tun)
+    Worker._write_tun(fake)  # type: ignore[arg-type]
+    assert fake._rx_out == []
+    if uso:
+        assert len(writes) == 1
+        h = offload.parse_vnet_hdr(writes[0])
+        assert h.gso_type == offload.VIRTIO_NET_HDR_GSO_UDP_L4 and h.gso_size == 972
+        segs = [bytes(s) for s in offload.split_gso_batch(writes, 1420)]
+        assert [s[28:] for s in segs] == [d[28:] for d in dgrams]
+    else:
+        assert writes == [offload.VNET_ZERO + d for d in dgrams]
