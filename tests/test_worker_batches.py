@@ -280,3 +280,39 @@ def test_seen_counters_are_dropped_before_decryption(rig: Any) -> None:
     flipped[-1] ^= 1
     assert _run(w, [_frame(bytes(flipped)), _frame(msgs[2])]) == []
     assert _drops(w) == {"drop_replay": 2}
+
+
+@pytest.mark.parametrize(("uso", "count"), [(True, 40), (False, 40), (True, 31)])
+def test_write_tun_coalesces_udp_only_if_the_tun_took_uso(uso: bool, count: int) -> None:
+    """`_write_tun` merges a UDP run into one USO write only if the TUN took USO and
+    the batch is large enough to pay for the merge; else one write per datagram."""
+    from types import SimpleNamespace
+
+    from wgx.dataplane import offload
+    from wgx.dataplane.tun import Tun
+    from wgx.dataplane.worker import Worker
+
+    flags = offload.TUN_TCP_OFFLOADS | (offload.TUN_UDP_OFFLOADS if uso else 0)
+    assert Tun(-1, "x", vnet_hdr=True, offloads=flags).uso is uso
+    assert Tun(-1, "x", vnet_hdr=False, offloads=flags).uso is False
+    writes: list[bytes] = []
+    tun = SimpleNamespace(vnet_hdr=True, uso=uso, write_vnet=lambda b: writes.append(bytes(b)))
+    dgrams = []
+    for _ in range(count):  # DF, UDP checksum 0 ("none"), a valid IPv4 header checksum
+        d = bytearray(_inner(size=1000))
+        words = sum(struct.unpack("!10H", bytes(d[:20])))
+        while words >> 16:
+            words = (words & 0xFFFF) + (words >> 16)
+        struct.pack_into("!H", d, 10, ~words & 0xFFFF)
+        dgrams.append(bytes(d))
+    fake = SimpleNamespace(_rx_out=[memoryview(d) for d in dgrams], tun=tun)
+    Worker._write_tun(fake)  # type: ignore[arg-type]
+    assert fake._rx_out == []
+    if uso and count >= offload.UDP_COALESCE_MIN_BATCH:
+        assert len(writes) == 1
+        h = offload.parse_vnet_hdr(writes[0])
+        assert h.gso_type == offload.VIRTIO_NET_HDR_GSO_UDP_L4 and h.gso_size == 972
+        segs = [bytes(s) for s in offload.split_gso_batch(writes, 1420)]
+        assert [s[28:] for s in segs] == [d[28:] for d in dgrams]
+    else:
+        assert writes == [offload.VNET_ZERO + d for d in dgrams]

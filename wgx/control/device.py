@@ -347,7 +347,8 @@ class Device:
         if engine.tun:
             if self.tun.vnet_hdr:
                 write = self.tun.write_vnet
-                for buf in offload.coalesce(engine.tun):
+                udp = self.tun.uso and len(engine.tun) >= offload.UDP_COALESCE_MIN_BATCH
+                for buf in offload.coalesce(engine.tun, udp=udp):
                     write(buf)
             else:
                 write = self.tun.write

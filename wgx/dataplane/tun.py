@@ -6,7 +6,8 @@ and TSO/checksum offloads (see wgx.dataplane.offload): reads may return TCP
 super-packets of up to 64 KB behind a virtio-net header, to be split with
 `offload.split_gso_batch`, and every write carries a virtio-net header
 (`write` adds an empty one; `write_vnet` takes a buffer that has one, e.g.
-from `offload.coalesce`). The fd stays valid if the device is moved to another
+from `offload.coalesce`; `uso` says whether the kernel accepted USO4|USO6,
+i.e. whether UDP super-packets may be written). The fd stays valid if the device is moved to another
 network namespace; once the device is deleted, reads fail with EBADFD and
 `TunGone` is raised so the daemon can exit.
 """
@@ -40,10 +41,13 @@ class TunGone(Exception):
 
 
 class Tun:
-    def __init__(self, fd: int, name: str, vnet_hdr: bool = False) -> None:
+    def __init__(self, fd: int, name: str, vnet_hdr: bool = False, offloads: int = 0) -> None:
         self.fd = fd
         self.name = name
         self.vnet_hdr = vnet_hdr
+        self.offloads = offloads  # TUN_F_* flags in effect (0 without vnet_hdr)
+        # USO negotiated: the kernel takes (and may hand us) UDP_L4 super-packets.
+        self.uso = vnet_hdr and offloads & offload.TUN_UDP_OFFLOADS == offload.TUN_UDP_OFFLOADS
 
     @classmethod
     def create(cls, name: str, multi_queue: bool = False, vnet_hdr: bool = False) -> Tun:
@@ -64,13 +68,14 @@ class Tun:
             os.close(fd)
             raise
         actual = res[:IFNAMSIZ].rstrip(b"\0").decode()
+        offloads = 0
         if vnet_hdr:
             try:
-                offload.set_tun_offload(fd)
+                offloads = offload.set_tun_offload(fd)
             except OSError:
                 os.close(fd)
                 raise
-        return cls(fd, actual, vnet_hdr)
+        return cls(fd, actual, vnet_hdr, offloads)
 
     def set_queue_enabled(self, enabled: bool) -> None:
         """Attach or detach this fd's queue of a multi-queue TUN (TUNSETQUEUE).

@@ -329,10 +329,12 @@ class Worker:
         peer.rx_data += data
 
     def _write_tun(self) -> None:
-        """Write the batch's packets; with offloads, in-order TCP runs as one super-packet."""
+        """Write the batch's packets; with offloads, in-order TCP runs (and, in large
+        batches, UDP runs if the TUN took USO) as one super-packet."""
         out, self._rx_out = self._rx_out, []
         if self.tun.vnet_hdr:
-            for buf in offload.coalesce(out):
+            udp = self.tun.uso and len(out) >= offload.UDP_COALESCE_MIN_BATCH
+            for buf in offload.coalesce(out, udp=udp):
                 self.tun.write_vnet(buf)
         else:
             for packet in out:
