@@ -7,6 +7,7 @@ Input: one control byte, then the datagram.
     bit 3    recompute mac2 with the target's current cookie for the source
     bit 4-5  source endpoint: A, B, an IPv4 stranger, an IPv6 stranger
     bit 6    clock: T_FUZZ (sessions alive) or T_LATE (all keypairs expired)
+    bit 7    aim the receiver index at one of the target's live indices (scenario.aim)
 
 A crash is any exception out of a parser other than MessageError, any exception out of
 `Engine.receive_datagram`, a struct round trip that does not give the input back, or any
@@ -43,6 +44,8 @@ def one_input(raw: bytes) -> None:
     eng = target.engine
     src = scenario.SOURCES[(ctl >> 4) & 3]
     now = scenario.T_LATE if ctl & 0x40 else scenario.T_FUZZ
+    if ctl & 0x80:
+        data = scenario.aim(data, eng)
     if ctl & 4:
         assert eng.public_key is not None
         data = scenario.fix_mac1(data, eng.public_key)

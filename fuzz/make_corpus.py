@@ -38,6 +38,8 @@ def message_seeds() -> list[bytes]:
             if handshake and target >= 2:
                 seeds.append(bytes([ctl | 8 | 0x20]) + d)  # mac2 fixed, stranger source
         seeds.append(bytes([0x41]) + d)  # target B, late clock
+        if d[0] != 1:  # aimed at live indices of A and B: reaches the per-session code
+            seeds += [bytes([0x80 | t | (4 if handshake else 0)]) + d for t in range(4)]
     return seeds
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -26,20 +27,25 @@ _DONE = re.compile(r"^Done (\d+) runs in (\d+) second")
 _CRASH = re.compile(r"Uncaught Python exception|ERROR: libFuzzer|deadly signal|Test unit written")
 
 
-def run(target: str, runs: int, max_time: int, work: Path, artifacts: Path) -> dict:
+def run(target: str, runs: int, max_time: int, work: Path, artifacts: Path,
+        extra_corpus: list[Path] | None = None) -> dict:
     """One libFuzzer session; returns what it printed about coverage, speed and crashes."""
     artifacts.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable, str(HERE / f"fuzz_{target}.py"), str(work), str(HERE / "corpus" / target),
+        *(str(p) for p in extra_corpus or []),
         f"-runs={runs}", f"-max_total_time={max_time}", f"-max_len={TARGETS[target]}",
         "-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1",
         f"-artifact_prefix={artifacts}/",
     ]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.monotonic()
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", cwd=HERE.parent)
     wall = time.monotonic() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     log = proc.stdout + proc.stderr
     stats = [m.groups() for line in log.splitlines() if (m := _STAT.match(line))]
     done = [m.groups() for line in log.splitlines() if (m := _DONE.match(line))]
@@ -49,7 +55,7 @@ def run(target: str, runs: int, max_time: int, work: Path, artifacts: Path) -> d
         "target": target, "returncode": proc.returncode, "crashed": crashed,
         "runs": int(done[-1][0]) if done else (int(last[0]) if last else 0),
         "runs_requested": runs, "max_total_time": max_time,
-        "wall_s": round(wall, 1),
+        "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
         "cov": int(last[2]) if last else None, "ft": int(last[3]) if last else None,
         "corpus": f"{last[4]}/{last[5]}" if last else None,
         "exec_per_s": int(last[6]) if last else None,
@@ -68,13 +74,15 @@ def main() -> int:
     ap.add_argument("--work", type=Path, help="scratch corpus directory (default: temporary)")
     ap.add_argument("--artifacts", type=Path, default=HERE / "artifacts")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--corpus", type=Path, action="append", default=[],
+                    help="an extra seed directory (read only; may be given again)")
     args = ap.parse_args()
     names = list(TARGETS) if args.target == "all" else [args.target]
     results = []
     for name in names:  # one at a time: bounded CPU
         with tempfile.TemporaryDirectory(prefix=f"wgx-fuzz-{name}-") as tmp:
             work = args.work / name if args.work else Path(tmp)
-            res = run(name, args.runs, args.max_time, work, args.artifacts / name)
+            res = run(name, args.runs, args.max_time, work, args.artifacts / name, args.corpus)
         results.append(res)
         print(json.dumps({k: v for k, v in res.items() if k != "log_tail"}), flush=True)
         if res["crashed"]:

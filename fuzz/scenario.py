@@ -273,6 +273,26 @@ def check_struct_parsers(data: bytes) -> None:
 # ------------------------------------------------------------- mutations
 
 
+def live_indices(eng: Engine) -> list[int]:
+    """Our receiver indices in use (keypairs and pending handshakes), sorted."""
+    return sorted(eng.indices._entries)
+
+
+def aim(msg: bytes, eng: Engine) -> bytes:
+    """`msg` with its receiver index replaced by one of `eng`'s live indices.
+
+    An on-path attacker learns these from the sender fields of our messages; without
+    this the fuzzer would have to guess 32 bits to reach the per-session code. The old
+    field value (mod the number of live indices) picks which one.
+    """
+    at = 8 if msg[:1] == bytes([MSG_RESPONSE]) else 4
+    live = live_indices(eng)
+    if len(msg) < at + 4 or msg[:1] == bytes([MSG_INITIATION]) or not live:
+        return msg
+    (old,) = struct.unpack_from("<I", msg, at)
+    return msg[:at] + struct.pack("<I", live[old % len(live)]) + msg[at + 4:]
+
+
 def fix_mac1(msg: bytes, receiver_public: bytes) -> bytes:
     """`msg` with mac1 recomputed for the receiver: anyone who knows its public key can."""
     off = len(msg) - 2 * MAC_LEN
@@ -305,6 +325,13 @@ class Target:
         self.engine = sc.engines[name]
         if under_load:
             flood(self.engine, self._mac1_valid(), A_ADDR, T_FUZZ)
+            # EVIL4 has spent its burst (stale initiations with a valid cookie), so the
+            # rate-limited branch is reachable from the baseline.
+            for _ in range(8):
+                self.engine.receive_datagram(
+                    fix_mac2(self.engine, self._mac1_valid(), EVIL4), EVIL4, T_FUZZ)
+            assert self.engine.drops["rate_limited"]
+            self.engine.datagrams.clear()
         self.load = LoadAccounting.save(self.engine)
         self.baseline = engine_state(self.engine)
         self.stats = self._stats()

@@ -146,13 +146,14 @@ def targets() -> list[scenario.Target]:
 
 
 @st.composite
-def mutated(draw: st.DrawFn, seen: list[bytes]) -> bytes:
+def mutated(draw: st.DrawFn, seen: list[bytes], engine) -> bytes:
     """A captured datagram under a few byte-level mutations (or, sometimes, pure junk)."""
     if draw(st.integers(0, 9)) == 0:
         return draw(st.binary(max_size=200))
     data = bytearray(draw(st.sampled_from(seen)))
     for _ in range(draw(st.integers(0, 3))):
-        op = draw(st.sampled_from(["flip", "set", "cut", "extend", "type", "index", "splice"]))
+        op = draw(st.sampled_from(["flip", "set", "cut", "extend", "type", "index", "splice",
+                                   "aim", "aim"]))
         if op in ("flip", "set") and data:
             i = draw(st.integers(0, len(data) - 1))
             data[i] = data[i] ^ (1 << draw(st.integers(0, 7))) if op == "flip" else draw(
@@ -167,6 +168,8 @@ def mutated(draw: st.DrawFn, seen: list[bytes]) -> bytes:
             # Point the message at another index: sender/receiver fields start at 4 (and 8).
             at = draw(st.sampled_from([4, 8]))
             data[at:at + 4] = struct.pack("<I", draw(u32))
+        elif op == "aim":
+            data = bytearray(scenario.aim(bytes(data), engine))
         elif op == "splice":
             other = draw(st.sampled_from(seen))
             cut = draw(st.integers(0, min(len(data), len(other))))
@@ -185,7 +188,7 @@ hostile = st.tuples(st.integers(0, 3), st.booleans(), st.booleans(),
 def test_mutated_captured_datagrams_never_raise_or_change_state(targets, data, picks) -> None:
     for which, mac1, mac2, src, now in picks:
         t = targets[which]
-        msg = data.draw(mutated(t.sc.seen[t.name]))
+        msg = data.draw(mutated(t.sc.seen[t.name], t.engine))
         if mac1:
             msg = scenario.fix_mac1(msg, t.engine.public_key)
         if mac2:
