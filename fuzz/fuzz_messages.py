@@ -21,7 +21,7 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports(include=["wgx", "scenario"]):
+with atheris.instrument_imports(include=["wgx"]):
     import scenario
 
 _TARGETS: list[scenario.Target] = []

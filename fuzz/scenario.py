@@ -10,7 +10,9 @@ exchange with a fixed clock and seeded randomness, logging every datagram:
         passes the rate limiter; C <-> B handshake completes,
 * t=10  transport data both ways between C and B,
 * t=12  A starts a second handshake whose initiation is held back (never delivered),
-        so A has a pending handshake next to its current session.
+        so A has a pending handshake next to its current session,
+* t=14  D, a stranger with a valid key that neither A nor B knows, sends both a
+        correct initiation (dropped as unknown_peer).
 
 At `T_FUZZ` the targets A and B are in a rich state (current keypairs, a pending
 handshake, a stored cookie, armed timers). `Scenario.seen[target]` lists captured
@@ -54,6 +56,7 @@ from wgx.protocol.peer import Endpoint, Keypair, Peer, endpoint_bytes
 A_ADDR: Endpoint = ("198.18.0.1", 51820)
 B_ADDR: Endpoint = ("198.18.0.2", 51820)
 C_ADDR: Endpoint = ("198.18.0.3", 51820)
+D_ADDR: Endpoint = ("198.18.0.4", 51820)
 EVIL4: Endpoint = ("203.0.113.66", 6666)
 EVIL6: Endpoint = ("2001:db8::66", 6666)
 SOURCES: tuple[Endpoint, ...] = (A_ADDR, B_ADDR, EVIL4, EVIL6)
@@ -130,7 +133,9 @@ def build(seed: int = 1) -> Scenario:
     a = Engine(ka, random=rng(seed * 10 + 4), wall_offset=WALL)
     b = Engine(kb, random=rng(seed * 10 + 5), wall_offset=WALL)
     c = Engine(kc, random=rng(seed * 10 + 6), wall_offset=WALL)
-    sc = Scenario({"A": a, "B": b, "C": c}, {"A": A_ADDR, "B": B_ADDR, "C": C_ADDR})
+    d = Engine(static_key(seed * 10 + 7)[0], random=rng(seed * 10 + 8), wall_offset=WALL)
+    sc = Scenario({"A": a, "B": b, "C": c, "D": d},
+                  {"A": A_ADDR, "B": B_ADDR, "C": C_ADDR, "D": D_ADDR})
     pa, pba, pbc, pc = a.add_peer(pub_b), b.add_peer(pub_a), b.add_peer(pub_c), c.add_peer(pub_b)
     a.allowed.insert("10.0.0.2/32", pa)
     b.allowed.insert("10.0.0.1/32", pba)
@@ -165,6 +170,14 @@ def build(seed: int = 1) -> Scenario:
     a.initiate_handshake(pa, 12.0)
     net.pump(12.0)
     assert pa.handshake is not None and len(sc.held) == 1
+    net.hold = lambda s, d, data: False
+    for pub, ep in ((pub_a, A_ADDR), (pub_b, B_ADDR)):
+        stranger = d.add_peer(pub)
+        stranger.endpoint = ep
+        d.initiate_handshake(stranger, 14.0)
+    unknown = a.drops["unknown_peer"], b.drops["unknown_peer"]
+    net.pump(14.0)
+    assert (a.drops["unknown_peer"], b.drops["unknown_peer"]) == (unknown[0] + 1, unknown[1] + 1)
     for eng in sc.engines.values():
         eng.tun.clear()
     held = {data for _, _, data in sc.held}
