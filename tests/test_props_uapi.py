@@ -42,6 +42,7 @@ def _values() -> st.SearchStrategy[str]:
         str(uapi_target.BUSY_PORT),
     ])
     return st.one_of(valid, st.text(max_size=70),
+                     st.text(alphabet="0123456789\u00b2\u0661\uff11", min_size=1, max_size=6),
                      st.text(alphabet="0123456789abcdefABCDEF \t²١", min_size=60, max_size=66))
 
 
