@@ -87,7 +87,9 @@ _TABLE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _DNS_IS_SERVER = re.compile(r"^[0-9.]+$|:")  # wg-quick: (^[0-9.]+$)|(^.*:.*$)
 _LIST_SPLIT = re.compile(r"[, \t]+")  # ${value//,/ } then IFS word splitting
 _SECRET = {"secret": True}
-_KEYLIKE = re.compile(r"[A-Za-z0-9+/]{20,}={0,2}")
+# 20+ base64 characters, also when spaces split them: wg deletes whitespace, so
+# `PrivateKey = abcd efgh...' is a valid key and its pieces are key material too.
+_KEYLIKE = re.compile(r"[A-Za-z0-9+/](?:[ \t\v\f\r]*[A-Za-z0-9+/]){19,}(?:[ \t\v\f\r]*=){0,2}")
 
 class ConfigError(ValueError):
     """A configuration problem at ``path:line``; line 0 means the file as a whole."""
@@ -205,8 +207,12 @@ def _shown(text: str) -> str:
     """`text` with anything that looks like key material replaced.
 
     `PrivateKey: <base64>` has no `=` before the key, so a message that repeats
-    the malformed key name would otherwise echo the secret; runs of 20 or more
-    base64 characters never appear in an error message.
+    the malformed key name would otherwise echo the secret, and a key pasted into
+    another field or a section header would come back with that field's error.
+    Every piece of input text an error message repeats goes through here, so runs
+    of 20 or more base64 characters (whitespace between them ignored) never appear
+    in an error message. The one exception is the value of a PublicKey line: it is
+    public by definition and named on purpose (not a key, low-order, duplicate).
     """
     return _KEYLIKE.sub("<redacted>", text)
 
@@ -339,7 +345,7 @@ class _Parser:
             self.cfg.peers.append(self.peer)
             self.section = "peer"
         else:
-            raise self.error(n, f"unknown section `{head}'; expected [Interface] or [Peer]")
+            raise self.error(n, f"unknown section `{_shown(head)}'; expected [Interface] or [Peer]")
 
     def end_section(self) -> None:
         if self.peer is not None and self.peer.public_key == _PEER_NO_KEY:
@@ -360,14 +366,14 @@ class _Parser:
                     iface.dns.append(self.dns_entry(n, tok))
         elif key == "MTU":
             if not _DIGITS.fullmatch(value) or not MTU_MIN <= int(value) <= MTU_MAX:
-                raise self.error(n, f"invalid MTU `{value}': expected an integer in"
+                raise self.error(n, f"invalid MTU `{_shown(value)}': expected an integer in"
                                     f" {MTU_MIN}..{MTU_MAX}")
             iface.mtu = int(value)
         elif key == "Table":
             iface.table = self.table(n, value)
         elif key == "SaveConfig":
             if value.lower() not in ("true", "false"):
-                raise self.error(n, f"invalid SaveConfig `{value}': expected true or false")
+                raise self.error(n, f"invalid SaveConfig `{_shown(value)}': expected true or false")
             iface.save_config = value.lower() == "true"
         else:
             getattr(iface, _HOOK_ATTR[key]).append(value)
@@ -376,26 +382,27 @@ class _Parser:
         addr, slash, plen = tok.partition("/")
         ip = _parse_ip(addr)
         if ip is None:
-            raise self.error(n, f"invalid Address `{tok}': `{addr}' is not an IP address")
+            raise self.error(n, f"invalid Address `{_shown(tok)}': `{_shown(addr)}' is not an"
+                                " IP address")
         if slash and not (_DIGITS.fullmatch(plen) and int(plen) <= ip.max_prefixlen):
-            raise self.error(n, f"invalid Address `{tok}': prefix length must be"
+            raise self.error(n, f"invalid Address `{_shown(tok)}': prefix length must be"
                                 f" 0..{ip.max_prefixlen}")
         return ipaddress.ip_interface((ip, int(plen) if slash else ip.max_prefixlen))
 
     def dns_entry(self, n: int, tok: str) -> str:
         if _DNS_IS_SERVER.search(tok):
             if _parse_ip(tok, allow_scope=True) is None:
-                raise self.error(n, f"invalid DNS server `{tok}': not an IP address")
+                raise self.error(n, f"invalid DNS server `{_shown(tok)}': not an IP address")
         elif not (_SEARCH_RE.fullmatch(tok) and len(tok) <= 254):
-            raise self.error(n, f"invalid DNS search domain `{tok}'")
+            raise self.error(n, f"invalid DNS search domain `{_shown(tok)}'")
         return tok
 
     def table(self, n: int, value: str) -> str:
         if value in ("off", "auto") or (_DIGITS.fullmatch(value) and int(value) < 2**32):
             return value
         if _DIGITS.fullmatch(value) or not _TABLE_NAME_RE.fullmatch(value):
-            raise self.error(n, f"invalid Table `{value}': expected off, auto, a table number"
-                                " (0..4294967295) or a table name")
+            raise self.error(n, f"invalid Table `{_shown(value)}': expected off, auto, a table"
+                                " number (0..4294967295) or a table name")
         if value.lower() in ("off", "auto"):
             self.warn(n, f"Table `{value}' is a table name to wg-quick, which compares"
                          f" `{value.lower()}' case-sensitively")
@@ -417,7 +424,7 @@ class _Parser:
             iface.private_key = self.key(n, key, squashed, None)
         elif key == "ListenPort":
             if not _DIGITS.fullmatch(squashed) or int(squashed) > 65535:
-                raise self.error(n, f"invalid ListenPort `{value}': expected a port number"
+                raise self.error(n, f"invalid ListenPort `{_shown(value)}': expected a port number"
                                     " 0..65535")
             iface.listen_port = int(squashed)
         else:
@@ -434,7 +441,7 @@ class _Parser:
         else:
             mark = -1
         if not 0 <= mark < 2**32:
-            raise self.error(n, f"invalid FwMark `{value}': expected off, 0..4294967295"
+            raise self.error(n, f"invalid FwMark `{_shown(value)}': expected off, 0..4294967295"
                                 " or 0x0..0xffffffff")
         return mark
 
@@ -465,14 +472,14 @@ class _Parser:
             elif _DIGITS.fullmatch(squashed) and int(squashed) <= 65535:
                 peer.persistent_keepalive = int(squashed)
             else:
-                raise self.error(n, f"invalid PersistentKeepalive `{value}': expected off"
+                raise self.error(n, f"invalid PersistentKeepalive `{_shown(value)}': expected off"
                                     " or 0..65535")
 
     def allowed_ip(self, n: int, entry: str, written: str) -> IPNetwork:
         """One AllowedIPs entry, as config.c parse_allowedips reads it."""
 
         def bad(why: str) -> ConfigError:
-            return self.error(n, f"invalid AllowedIPs entry `{entry}': {why}")
+            return self.error(n, f"invalid AllowedIPs entry `{_shown(entry)}': {why}")
 
         if not entry:
             raise bad("empty entry between commas")
@@ -484,7 +491,7 @@ class _Parser:
             if any(c in _WS for c in written):
                 raise bad("entries must be separated by commas")
             if ip is None:
-                raise bad(f"`{addr}' is not an IP address")
+                raise bad(f"`{_shown(addr)}' is not an IP address")
         if slash and not (_DIGITS.fullmatch(plen) and int(plen) <= ip.max_prefixlen):
             raise bad(f"prefix length must be 0..{ip.max_prefixlen}")
         net = ipaddress.ip_network((ip, int(plen) if slash else ip.max_prefixlen), strict=False)
@@ -497,7 +504,7 @@ class _Parser:
         """Endpoint as config.c parse_endpoint splits it, without resolving names."""
 
         def bad(why: str) -> ConfigError:
-            return self.error(n, f"invalid Endpoint `{value}': {why}")
+            return self.error(n, f"invalid Endpoint `{_shown(value)}': {why}")
 
         if squashed.startswith("["):
             close = squashed.find("]")
@@ -519,7 +526,7 @@ class _Parser:
             ip = _parse_ip(host)
             if ip is None and (re.fullmatch(r"[0-9.]*", host) or len(host.rstrip(".")) > 253
                                or not _HOSTNAME_RE.fullmatch(host)):
-                raise bad(f"`{host}' is neither an IP address nor a hostname")
+                raise bad(f"`{_shown(host)}' is neither an IP address nor a hostname")
         if not _DIGITS.fullmatch(port) or not 1 <= int(port) <= 65535:
             raise bad("port must be 1..65535")
         return Endpoint(str(ip) if ip is not None else host, int(port))

@@ -15,6 +15,7 @@ import errno
 import ipaddress
 import logging
 import os
+import re
 import socket
 import stat
 from dataclasses import dataclass, field
@@ -33,6 +34,11 @@ MAX_REQUEST = 1 << 20
 MAX_CLIENTS = 16
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# ASCII only, as wireguard-go's strconv/hex: str.isdigit() also takes '²' (int() then raises)
+# and '١٢' (int() gives 12), bytes.fromhex() skips whitespace. The length bound keeps int()
+# below Python's 4300-digit conversion limit.
+_DECIMAL = re.compile(r"[0-9]{1,20}")
+_HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class UapiError(Exception):
@@ -78,13 +84,9 @@ class DeviceControl(Protocol):
 
 
 def _key(value: str, name: str) -> bytes:
-    try:
-        raw = bytes.fromhex(value)
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:
+    if not _HEX_KEY.fullmatch(value):
         raise UapiError(errno.EINVAL, f"{name}: expected 64 hex digits")
-    return raw
+    return bytes.fromhex(value)
 
 
 def _bool_true(value: str, name: str) -> bool:
@@ -94,7 +96,7 @@ def _bool_true(value: str, name: str) -> bool:
 
 
 def _int(value: str, name: str, hi: int) -> int:
-    if not value.isdigit() or int(value) > hi:
+    if not _DECIMAL.fullmatch(value) or int(value) > hi:
         raise UapiError(errno.EINVAL, f"{name}: expected an integer 0..{hi}")
     return int(value)
 
@@ -106,7 +108,7 @@ def parse_endpoint(value: str) -> tuple[str, int]:
     else:
         host, sep, port = value.rpartition(":")
     try:
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not _DECIMAL.fullmatch(port) or not 0 < int(port) < 65536:
             raise ValueError
         addr = ipaddress.ip_address(host.split("%")[0])
     except ValueError:
@@ -273,6 +275,19 @@ def handle_request(dev: DeviceControl, request: str, extra: dict[str, object]) -
         return f"errno={-e.code}\n\n"
 
 
+def take_requests(buf: bytearray) -> list[str]:
+    """Remove every complete request (ended by a blank line) from `buf`, as text.
+
+    Bytes that are not UTF-8 become U+FFFD, so they reach the parser as text and are
+    refused there; an incomplete tail stays in `buf`.
+    """
+    out = []
+    while (end := buf.find(b"\n\n")) >= 0:
+        out.append(bytes(buf[:end]).decode("utf-8", "replace"))
+        del buf[: end + 2]
+    return out
+
+
 def socket_path(iface: str, directory: str = SOCKET_DIR) -> str:
     return os.path.join(directory, f"{iface}.sock")
 
@@ -344,9 +359,7 @@ class UapiServer:
             self.drop(fd)
             return False
         buf += data
-        while (end := buf.find(b"\n\n")) >= 0:
-            request = bytes(buf[:end]).decode("utf-8", "replace")
-            del buf[: end + 2]
+        for request in take_requests(buf):
             answer = handle_request(dev, request, extra).encode()
             try:
                 conn.setblocking(True)
