@@ -20,6 +20,7 @@ class FakeDevice:
         self.ports: list[int] = []
         self.marks: list[int] = []
         self.fail_port: int | None = None
+        self.fail_mark = False
 
     def set_listen_port(self, port: int) -> None:
         if port == self.fail_port:
@@ -28,6 +29,8 @@ class FakeDevice:
         self.engine.listen_port = port
 
     def set_fwmark(self, mark: int) -> None:
+        if self.fail_mark:
+            raise OSError(errno.EPERM, "Operation not permitted")
         self.marks.append(mark)
         self.engine.fwmark = mark
 
@@ -144,6 +147,14 @@ def test_port_in_use_is_reported_and_nothing_else_applied() -> None:
     answer = request(dev, f"set=1\nlisten_port=4444\npublic_key={pub().hex()}")
     assert answer == f"errno=-{errno.EADDRINUSE}\n\n"
     assert not dev.engine.peers
+
+
+def test_fwmark_refused_by_the_kernel_is_an_errno_and_nothing_else_applied() -> None:
+    dev = FakeDevice()
+    dev.fail_mark = True
+    answer = request(dev, f"set=1\nfwmark=7\nlisten_port=4444\npublic_key={pub().hex()}")
+    assert answer == f"errno=-{errno.EPERM}\n\n"
+    assert not dev.engine.peers and dev.ports == [] and dev.marks == []
 
 
 def test_unknown_operation_and_get_with_arguments() -> None:

@@ -179,16 +179,20 @@ def parse_set(lines: list[str]) -> InterfaceChange:
 
 
 def apply_set(dev: DeviceControl, change: InterfaceChange) -> None:
-    """Apply a validated change. Only a listen-port bind failure can still fail (first)."""
+    """Apply a validated change. Only the socket operations can still fail, and they
+    come first: the fwmark (SO_MARK needs CAP_NET_ADMIN), then the listen-port bind."""
     engine = dev.engine
     now = dev.now()
+    if change.fwmark is not None:
+        try:
+            dev.set_fwmark(change.fwmark)
+        except OSError as e:
+            raise UapiError(e.errno or errno.EPERM, f"fwmark: {e}") from None
     if change.listen_port is not None and change.listen_port != engine.listen_port:
         try:
             dev.set_listen_port(change.listen_port)
         except OSError as e:
             raise UapiError(e.errno or errno.EADDRINUSE, f"listen_port: {e}") from None
-    if change.fwmark is not None:
-        dev.set_fwmark(change.fwmark)
     if change.private_key is not _UNSET:
         engine.set_private_key(change.private_key)  # type: ignore[arg-type]
     if change.replace_peers:
