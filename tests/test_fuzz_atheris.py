@@ -3,7 +3,7 @@
 Each target goes through fuzz/run.py, which passes both -runs and -max_total_time to
 libFuzzer and exits 1 on a crash (any exception or invariant violation in the harness),
 2 if the time bound stopped it before the run budget; both fail the test. Budgets
-(measured in docs/reliability-fuzzing.md): the message target runs its full 1,000,000
+(measured in docs/reliability.md): the message target runs its full 1,000,000
 inputs (about 1 CPU-minute); the UAPI target runs 100,000 (1,000,000 takes far more than
 the 4-minute budget per target on this machine).
 """

@@ -159,7 +159,7 @@ _SCALAR_JOB_BYTES = 512  # a NEEDS_CSUM packet this small is finished in Python
 # Callers merge UDP runs only in batches of at least this many packets: verifying
 # and merging costs ~1.3-2 us per datagram in Python against ~1.6 us of kernel
 # time saved per write avoided, a loss at batches of ~8 and a gain at 64
-# (docs/reliability-udpgro.md).
+# (docs/udp-coalescing.md).
 UDP_COALESCE_MIN_BATCH = 32
 _VECTOR_MIN_SEGMENTS = 4  # a super-packet of fewer segments: scalar path
 _VECTOR_MIN_CSUM = 4  # fewer big NEEDS_CSUM packets than this in a batch: scalar path

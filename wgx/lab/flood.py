@@ -16,7 +16,7 @@ the caller.
   "send request" with one numpy store and kicks the kernel with one send(), so
   the Python cost per packet is near zero and the rate is what the kernel and
   the veth/bridge path can carry. On this 2-vCPU VM that is far above what a
-  `sendto()` loop reaches (see docs/reliability-attack.md).
+  `sendto()` loop reaches (see docs/reliability.md).
 
 `python -m wgx.lab.flood` floods initiations from many spoofed sources for a
 bounded time and prints one JSON line (machine output, for tests and the doc).

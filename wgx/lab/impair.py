@@ -70,7 +70,7 @@ Limits, by design
 * Throughput: one Python process on one core, measured 8-14 us of CPU per
   frame on a busy 2-vCPU VM: TCP on the bare underlay drops from 4.7 Gbit/s to
   ~360 Mbit/s through the stage, the tunnel (~200 Mbit/s there) does not slow
-  down. `--impair none` still goes through it (docs/reliability-impair.md).
+  down. `--impair none` still goes through it (docs/reliability.md).
 * Segmentation: a GSO super-frame would be impaired as one unit, so the lab
   turns off TSO/GSO/USO on the hosts' `ul0` (the stack then segments before
   the wire). Checksum offload stays on: frames are read and written with a
