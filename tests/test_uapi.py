@@ -152,9 +152,11 @@ def test_port_in_use_is_reported_and_nothing_else_applied() -> None:
 def test_fwmark_refused_by_the_kernel_is_an_errno_and_nothing_else_applied() -> None:
     dev = FakeDevice()
     dev.fail_mark = True
+    port = dev.engine.listen_port
     answer = request(dev, f"set=1\nfwmark=7\nlisten_port=4444\npublic_key={pub().hex()}")
     assert answer == f"errno=-{errno.EPERM}\n\n"
-    assert not dev.engine.peers and dev.ports == [] and dev.marks == []
+    assert not dev.engine.peers and dev.marks == []
+    assert dev.ports == [4444, port] and dev.engine.listen_port == port  # the old port is back
 
 
 def test_unknown_operation_and_get_with_arguments() -> None:

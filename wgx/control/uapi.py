@@ -180,19 +180,28 @@ def parse_set(lines: list[str]) -> InterfaceChange:
 
 def apply_set(dev: DeviceControl, change: InterfaceChange) -> None:
     """Apply a validated change. Only the socket operations can still fail, and they
-    come first: the fwmark (SO_MARK needs CAP_NET_ADMIN), then the listen-port bind."""
+    come first: the listen-port bind, then the fwmark (SO_MARK needs CAP_NET_ADMIN),
+    whose failure puts the old port back; either way nothing else is applied."""
     engine = dev.engine
     now = dev.now()
-    if change.fwmark is not None:
-        try:
-            dev.set_fwmark(change.fwmark)
-        except OSError as e:
-            raise UapiError(e.errno or errno.EPERM, f"fwmark: {e}") from None
+    old_port = engine.listen_port
+    port_changed = False
     if change.listen_port is not None and change.listen_port != engine.listen_port:
         try:
             dev.set_listen_port(change.listen_port)
         except OSError as e:
             raise UapiError(e.errno or errno.EADDRINUSE, f"listen_port: {e}") from None
+        port_changed = True
+    if change.fwmark is not None:
+        try:
+            dev.set_fwmark(change.fwmark)
+        except OSError as e:
+            if port_changed:
+                try:
+                    dev.set_listen_port(old_port)
+                except OSError as e2:
+                    log.warning("could not go back to listen port %d: %s", old_port, e2)
+            raise UapiError(e.errno or errno.EPERM, f"fwmark: {e}") from None
     if change.private_key is not _UNSET:
         engine.set_private_key(change.private_key)  # type: ignore[arg-type]
     if change.replace_peers:
