@@ -38,6 +38,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from wgx.dataplane.offload import internet_checksum
 from wgx.protocol.cookie import CookieGenerator
 from wgx.protocol.messages import Initiation
 
@@ -76,15 +77,6 @@ def bad_mac1(msg: bytes) -> bytes:
     return msg[:off] + bytes([msg[off] ^ 0x01]) + msg[off + 1:]
 
 
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def mac_bytes(mac: str) -> bytes:
     return bytes.fromhex(mac.replace(":", ""))
 
@@ -96,10 +88,10 @@ def udp_frame(src_mac: bytes, dst_mac: bytes, src: str, sport: int, dst: str, dp
     ulen = 8 + len(payload)
     pseudo = s + d + struct.pack("!BBH", 0, 17, ulen)
     udp = struct.pack("!HHHH", sport, dport, ulen, 0) + payload
-    ucsum = _csum(pseudo + udp) or 0xFFFF
+    ucsum = internet_checksum(pseudo + udp) or 0xFFFF
     udp = udp[:6] + struct.pack("!H", ucsum) + udp[8:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0x4000, ttl, 17, 0, s, d)
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:]
     return dst_mac + src_mac + struct.pack("!H", ETH_P_IP) + ip + udp
 
 
