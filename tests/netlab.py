@@ -47,10 +47,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 NS_PREFIX = "wgxt"
 RUN_WG = Path("/run/wireguard")  # /var/run -> /run on Debian
@@ -214,6 +214,27 @@ def wait_until(
             return v
         if time.monotonic() > deadline:
             raise NetlabError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+T = TypeVar("T")
+_UNSET = object()
+
+
+def wait_stable(read: Callable[[], T], timeout: float, interval: float, what: str) -> T:
+    """Call `read` every `interval` s until two results in a row are equal; return it.
+
+    Raises AssertionError naming `what` if it is still changing after `timeout` s.
+    """
+    prev: Any = _UNSET
+    deadline = time.monotonic() + timeout
+    while True:
+        cur = read()
+        if cur == prev:
+            return cur
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} still moving after {timeout}s: {cur}")
+        prev = cur
         time.sleep(interval)
 
 

@@ -91,16 +91,7 @@ def counters(lab: netlab.Lab) -> dict[str, int]:
 
 
 def settled(lab: netlab.Lab, timeout: float = 5.0) -> dict[str, int]:
-    prev = None
-    deadline = time.monotonic() + timeout
-    while True:
-        cur = counters(lab)
-        if cur == prev:
-            return cur
-        if time.monotonic() > deadline:
-            raise AssertionError(f"counters still moving: {cur}")
-        prev = cur
-        time.sleep(0.2)
+    return netlab.wait_stable(lambda: counters(lab), timeout, 0.2, "counters")
 
 
 # ------------------------------------------------------------------ x's tools

@@ -97,16 +97,7 @@ def wsum(st: dict[str, int], counter: str) -> int:
 
 def settled_stats(h: netlab.Host, timeout: float = 5.0) -> dict[str, int]:
     """get=wgx once the workers' reports (every 50 ms) have caught up with XDP."""
-    prev: dict[str, int] | None = None
-    deadline = time.monotonic() + timeout
-    while True:
-        cur = ints(wgx_get(h))
-        if cur == prev:
-            return cur
-        if time.monotonic() > deadline:
-            raise AssertionError(f"wgx counters still moving after {timeout}s: {cur}")
-        prev = cur
-        time.sleep(0.25)
+    return netlab.wait_stable(lambda: ints(wgx_get(h)), timeout, 0.25, "wgx counters")
 
 
 def alive(pid: int) -> bool:
