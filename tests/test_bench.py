@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 PATHS = ["wgx-xdp", "wgx-socket", "wireguard-go", "underlay"]
 TESTS = ["tcp1", "tcp4", "udp1372", "udp64", "ping", "tcp1_junk"]
 METRICS = ["tcp1_gbps", "tcp4_gbps", "udp1372_kpps", "udp64_kpps", "rtt_p50_ms", "rtt_p99_ms",
-           "cpu_s_per_gb", "junk_tcp1_gbps", "junk_cpu_s_per_gb", "rss_peak_mb", "pss_peak_mb"]
+           "cpu_s_per_gb", "junk_clean_tcp1_gbps", "junk_tcp1_gbps", "junk_keep_pct",
+           "junk_cpu_s_per_gb", "rss_peak_mb", "pss_peak_mb"]
 SAMPLE_KEYS = {"path", "test", "rep", "attempt", "seconds", "error", "cpu_s", "cpu_s_total",
                "cpu_s_per_gb", "dataplane_pids", "rss_peak_kb", "pss_peak_kb",
                "foreign_cpu_s", "foreign_limit_s", "foreign_top", "host_busy_pct",
@@ -92,6 +94,14 @@ def test_bench_quick(tmp_path: Path) -> None:
         junk = [s for s in samples if s["path"] == p and s["test"] == "tcp1_junk"
                 and not s["error"]]
         assert junk and all(s["junk_sent"] > 0 for s in junk)
+        clean = [s for s in samples if s["path"] == p and s["test"] == "tcp1_junk_clean"
+                 and not s["error"]]
+        assert clean, f"{p}: no clean twin of the junk sample"
+        for s in junk:
+            assert s["keep_pct"] > 0
+            if len(os.sched_getaffinity(0)) >= 2:  # attacker and path on disjoint CPUs
+                assert s["junk_cpus"] and s["lab_cpus"], s
+                assert not set(s["junk_cpus"]) & set(s["lab_cpus"])
         if p == "underlay":
             assert all(s["cpu_s"] is None for s in samples if s["path"] == p)
         else:
@@ -153,8 +163,6 @@ def test_bench_crypto_table() -> None:
 
 
 def _path() -> str:
-    import os
-
     return os.environ["PATH"]
 
 
@@ -164,3 +172,48 @@ def test_bench_rejects_bad_udp_buffer(bad: str) -> None:
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode == 2, (cp.returncode, cp.stderr)
     assert "--udp-buffer" in cp.stderr
+
+
+@pytest.mark.parametrize("bad", ["-1", "lots", "4096"])
+def test_bench_rejects_bad_junk_cpu(bad: str) -> None:
+    cp = subprocess.run(["wgx", "bench", "--quick", "--junk-cpu", bad],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2, (cp.returncode, cp.stderr)
+    assert "--junk-cpu" in cp.stderr
+
+
+def test_junk_placement_leaves_the_path_a_cpu() -> None:
+    from wgx.lab.bench import BenchConfig
+
+    mine = os.sched_getaffinity(0)
+    assert BenchConfig(junk_cpu="off").junk_placement() is None
+    place = BenchConfig(junk_cpu="auto").junk_placement()
+    if len(mine) < 2:
+        assert place is None
+        return
+    assert place == ({max(mine)}, mine - {max(mine)})
+    cpu = min(mine)
+    assert BenchConfig(junk_cpu=str(cpu)).junk_placement() == ({cpu}, mine - {cpu})
+
+
+def test_set_affinity_pins_every_thread() -> None:
+    from wgx.lab.proc import set_affinity
+
+    mine = os.sched_getaffinity(0)
+    child = subprocess.Popen(["python3", "-c", "import threading, time\n"
+                              "threading.Thread(target=time.sleep, args=(30,)).start()\n"
+                              "time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{child.pid}/task")) < 2:
+            assert time.monotonic() < deadline, "the child never started its thread"
+            time.sleep(0.02)
+        cpu = {min(mine)}
+        set_affinity([child.pid], cpu)
+        tids = [int(t) for t in os.listdir(f"/proc/{child.pid}/task")]
+        assert len(tids) == 2 and all(os.sched_getaffinity(t) == cpu for t in tids)
+        set_affinity([child.pid, 2**22 + 1], mine)  # a pid that is gone is skipped
+        assert all(os.sched_getaffinity(t) == mine for t in tids)
+    finally:
+        child.kill()
+        child.wait()

@@ -667,6 +667,11 @@ def bench(
     junk_pps: Annotated[int, typer.Option(
         help="Junk datagrams per second in tcp1_junk; 0: as fast as the junk namespace can "
              "send (an AF_PACKET TX ring).")] = 0,
+    junk_cpu: Annotated[str, typer.Option(
+        help="Where tcp1_junk runs the junk sender: auto (the last CPU, the path on the "
+             "others, for the clean and the flooded sample alike: the attacker is another "
+             "machine), a CPU number, or off (no pinning: the flood competes with the path "
+             "for every CPU).")] = "auto",
     udp_buffer: Annotated[str, typer.Option(
         help="Socket buffer (iperf3 -w) of both ends in the UDP tests, every path alike; "
              "0 keeps iperf3's default.")] = "2M",
@@ -691,6 +696,7 @@ def bench(
     from wgx.lab.proc import LabError
 
     kw = dict(duration=duration, repeat=repeat, junk_pps=junk_pps, udp_buffer=udp_buffer,
+              junk_cpu=junk_cpu,
               paths=[p.strip() for p in paths.split(",") if p.strip()],
               tests=[t.strip() for t in tests.split(",") if t.strip()])
     if quick:

@@ -17,7 +17,14 @@ Tests, client in alpha, server in beta:
                   scheduler splits the CPU between sender and dataplane)
     ping          RTT p50/p99 of N pings at a 10 ms interval
     tcp1_junk     tcp1 while the lab's junk namespace sends random datagrams to
-                  beta's listen port (bounded in count and time)
+                  beta's listen port (bounded in count and time), right after a
+                  clean tcp1 in the same CPU placement (`tcp1_junk_clean`); the
+                  junk sample records the share it kept (`keep_pct`). By default
+                  the junk sender gets a CPU of its own and the path the others:
+                  the attacker is another machine, and on veth the receiver's
+                  XDP runs in the sender's softirq, so an unpinned flood takes
+                  its CPU from the path and the scheduler, not the path, decides
+                  the result (`--junk-cpu off` measures that too).
 
 Order: for every repetition, for every test, every path (A B C A B C ...).
 Each sample records the CPU-seconds of the path's dataplane processes on both
@@ -57,8 +64,10 @@ from .proc import (
     foreign_ticks,
     host_cpu,
     memory_kb,
+    pids_in_netns,
     proc_comm,
     run,
+    set_affinity,
 )
 
 PATHS = ("wgx-xdp", "wgx-socket", "wireguard-go", "underlay")
@@ -88,6 +97,7 @@ class BenchConfig:
     ping_count: int = 200
     ping_interval: float = 0.01
     junk_pps: int = 0  # 0: as fast as the junk namespace can send (AF_PACKET TX ring)
+    junk_cpu: str = "auto"  # "auto": the last CPU; "off": no pinning; or a CPU number
     # iperf3 -w for the UDP tests, every path alike ("0": iperf3's default). With the
     # default 208 KB, the receiving iperf3's socket overflows whenever it waits for a
     # CPU, which measures the scheduler rather than the path.
@@ -121,9 +131,26 @@ class BenchConfig:
             raise LabError(f"udp steps {self.udp_steps}: use 2 to 20")
         if self.junk_pps < 0:
             raise LabError(f"--junk-pps {self.junk_pps}: use 0 (as fast as possible) or more")
+        self.junk_placement()
         if not re.fullmatch(r"0|[1-9][0-9]*[KM]?", self.udp_buffer):
             raise LabError(f"--udp-buffer {self.udp_buffer}: use 0 (iperf3's default) or a "
                            "size such as 2M")
+
+    def junk_placement(self) -> tuple[set[int], set[int]] | None:
+        """(junk sender CPUs, path CPUs) for tcp1_junk; None: the scheduler places both."""
+        mine = os.sched_getaffinity(0)
+        if self.junk_cpu == "off" or (self.junk_cpu == "auto" and len(mine) < 2):
+            return None
+        cpu = max(mine) if self.junk_cpu == "auto" else _int_or_none(self.junk_cpu)
+        if cpu is None or cpu not in mine or len(mine) < 2:
+            raise LabError(f"--junk-cpu {self.junk_cpu}: use auto, off or one of the CPUs "
+                           f"{','.join(map(str, sorted(mine)))} (another one must be left "
+                           "for the path)")
+        return {cpu}, mine - {cpu}
+
+
+def _int_or_none(text: str) -> int | None:
+    return int(text) if text.isdigit() else None
 
 
 # --------------------------------------------------------------------- one path
@@ -216,6 +243,15 @@ class PathLab:
             d = labmod.dataplane_pids(h)
             out[h.name] = d["daemon"] + d["workers"]
         return out
+
+    def pin(self, cpus: set[int]) -> None:
+        """Pin every process of this path's lab (the junk sender's namespace aside)."""
+        if self.state is None:
+            return
+        junk_ns = (self.state.junk or {}).get("ns")
+        inodes = [i for ns, i in self.state.namespaces().items()
+                  if i is not None and ns != junk_ns]
+        set_affinity(pids_in_netns(inodes), cpus)
 
     def wgx_counters(self) -> dict[str, int]:
         """Drop counters of beta's daemon (wgx only), summed by kind."""
@@ -392,9 +428,10 @@ class Bench:
             return sample
 
     # -- clients
-    def _iperf(self, pl: PathLab, args: list[str], seconds: float) -> dict[str, Any]:
-        argv = labmod.ns_argv(pl.a, ["iperf3", "-c", pl.dst, "-p", str(IPERF_PORT), "-J",
-                                     "-t", f"{seconds:g}", *args])
+    def _iperf(self, pl: PathLab, args: list[str], seconds: float,
+               cpus: set[int] | None = None) -> dict[str, Any]:
+        argv = _on(cpus, labmod.ns_argv(pl.a, ["iperf3", "-c", pl.dst, "-p", str(IPERF_PORT),
+                                               "-J", "-t", f"{seconds:g}", *args]))
         last = None
         for _ in range(3):  # the server may still be finishing the previous test
             cp = run(argv, check=False, timeout=seconds + 30, env=labmod.environment())
@@ -419,7 +456,8 @@ class Bench:
                 "rtt_min_ms": rtts[0], "rtt_max_ms": rtts[-1], "ping_sent": n,
                 "ping_received": len(rtts)}
 
-    def _junk(self, pl: PathLab, seconds: float) -> subprocess.Popen | None:
+    def _junk(self, pl: PathLab, seconds: float,
+              cpus: set[int] | None) -> subprocess.Popen | None:
         st = pl.state
         if st is None or not st.junk:
             return None
@@ -432,8 +470,8 @@ class Bench:
             argv = ["ip", "netns", "exec", st.junk["ns"], sys.executable, "-c", _JUNK_PY,
                     st.junk["target"], str(st.junk["port"]), f"{seconds:g}",
                     str(self.cfg.junk_pps), str(count)]
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        return subprocess.Popen(_on(cpus, argv), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
 
     # -- tests
     def run_test(self, pl: PathLab, test: str, rep: int) -> None:
@@ -445,22 +483,43 @@ class Bench:
             self._measure(pl, test, rep, self.cfg.ping_count * self.cfg.ping_interval,
                           lambda: self._ping(pl))
         elif test == "tcp1_junk":
-            def client() -> dict[str, Any]:
-                before = pl.wgx_counters()
-                junk = self._junk(pl, d + 0.5)
-                try:
-                    m = self._iperf(pl, [], d)
-                finally:
-                    sent = _finish_junk(junk, d + 10)
-                after = pl.wgx_counters()
-                m["junk_sent"] = sent.get("sent")
-                m["junk_pps"] = sent.get("pps")
-                m["junk_dropped"] = {k: after[k] - before.get(k, 0) for k in after
-                                     if after[k] - before.get(k, 0)}
-                return m
-            self._measure(pl, test, rep, d, client)
+            self._junk_test(pl, rep)
         else:
             self._udp_search(pl, test, rep)
+
+    def _junk_test(self, pl: PathLab, rep: int) -> None:
+        """A clean tcp1, then tcp1 under the flood, in the same CPU placement."""
+        d = self.cfg.duration
+        place = self.cfg.junk_placement()
+        junk_cpus, lab_cpus = place if place else (None, None)
+        extra = {"junk_cpus": sorted(junk_cpus) if junk_cpus else None,
+                 "lab_cpus": sorted(lab_cpus) if lab_cpus else None}
+
+        def flooded() -> dict[str, Any]:
+            before = pl.wgx_counters()
+            junk = self._junk(pl, d + 0.5, junk_cpus)
+            try:
+                m = self._iperf(pl, [], d, lab_cpus)
+            finally:
+                sent = _finish_junk(junk, d + 10)
+            after = pl.wgx_counters()
+            m["junk_sent"] = sent.get("sent")
+            m["junk_pps"] = sent.get("pps")
+            m["junk_dropped"] = {k: after[k] - before.get(k, 0) for k in after
+                                 if after[k] - before.get(k, 0)}
+            return m
+
+        if lab_cpus:
+            pl.pin(lab_cpus)
+        try:
+            clean = self._measure(pl, "tcp1_junk_clean", rep, d,
+                                  lambda: self._iperf(pl, [], d, lab_cpus), extra=extra)
+            s = self._measure(pl, "tcp1_junk", rep, d, flooded, extra=extra)
+        finally:
+            if lab_cpus:
+                pl.pin(os.sched_getaffinity(0))
+        if clean.get("gbps") and s.get("gbps") is not None:
+            s["keep_pct"] = round(100 * s["gbps"] / clean["gbps"], 1)
 
     def _udp_search(self, pl: PathLab, test: str, rep: int) -> None:
         size = 1372 if test == "udp1372" else 64
@@ -546,6 +605,11 @@ class Bench:
             "ratios": ratios(summary),
             "samples": self.samples,
         }
+
+
+def _on(cpus: set[int] | None, argv: list[str]) -> list[str]:
+    """argv run on `cpus` (None: wherever the scheduler likes)."""
+    return argv if not cpus else ["taskset", "-c", ",".join(map(str, sorted(cpus))), *argv]
 
 
 def _finish_junk(proc: subprocess.Popen | None, timeout: float) -> dict[str, Any]:
@@ -635,7 +699,9 @@ METRICS: dict[str, tuple[str, str, str, bool]] = {
     "rtt_p50_ms": ("ping", "rtt_p50_ms", "ms", False),
     "rtt_p99_ms": ("ping", "rtt_p99_ms", "ms", False),
     "cpu_s_per_gb": ("tcp1", "cpu_s_per_gb", "CPU-s/GB", False),
+    "junk_clean_tcp1_gbps": ("tcp1_junk_clean", "gbps", "Gbit/s", True),
     "junk_tcp1_gbps": ("tcp1_junk", "gbps", "Gbit/s", True),
+    "junk_keep_pct": ("tcp1_junk", "keep_pct", "%", True),
     "junk_cpu_s_per_gb": ("tcp1_junk", "cpu_s_per_gb", "CPU-s/GB", False),
 }
 

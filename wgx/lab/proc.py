@@ -165,6 +165,19 @@ def kill_pids(pids: Iterable[int], grace: float = 3.0) -> None:
 # -------------------------------------------------------------------- CPU, memory
 
 
+def set_affinity(pids: Iterable[int], cpus: set[int]) -> None:
+    """Pin every thread of `pids` to `cpus` (processes that are gone are skipped)."""
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cpus)
+
+
+
 def cpu_ticks(pid: int) -> int | None:
     """utime + stime of `pid` (all its threads), in clock ticks; None if gone."""
     st = proc_stat(pid)

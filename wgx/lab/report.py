@@ -11,7 +11,9 @@ COLUMNS: list[tuple[str, str]] = [
     ("udp1372_kpps", "UDP1372\nkpps"), ("udp64_kpps", "UDP64\nkpps"),
     ("rtt_p50_ms", "RTT p50\nms"), ("rtt_p99_ms", "RTT p99\nms"),
     ("cpu_s_per_gb", "CPU-s/GB\nTCP1"), ("rss_peak_mb", "RSS\nMB"), ("pss_peak_mb", "PSS\nMB"),
-    ("junk_tcp1_gbps", "junk TCP1\nGbit/s"), ("junk_cpu_s_per_gb", "junk\nCPU-s/GB"),
+    ("junk_clean_tcp1_gbps", "TCP1 before junk\nGbit/s"),
+    ("junk_tcp1_gbps", "junk TCP1\nGbit/s"), ("junk_keep_pct", "junk keeps\n% of clean"),
+    ("junk_cpu_s_per_gb", "junk\nCPU-s/GB"),
 ]
 REFS = (("wireguard-go", "wg"), ("wgx-socket", "sk"))
 
