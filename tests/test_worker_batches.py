@@ -316,3 +316,26 @@ def test_write_tun_coalesces_udp_only_if_the_tun_took_uso(uso: bool, count: int)
         assert [s[28:] for s in segs] == [d[28:] for d in dgrams]
     else:
         assert writes == [offload.VNET_ZERO + d for d in dgrams]
+
+
+def test_frame_reused_with_another_layout_and_sizes(rig: Any) -> None:
+    """The per-frame views are cached by the body's end: a frame slot that comes back
+    with another header layout ending at the same byte, or with another length, must
+    still decrypt and deliver exactly."""
+    w, kp = rig
+    full = [_inner(size=MTU) for _ in range(3)]  # no padding: the decrypted views go out
+    got = _run(w, [_frame(_message(w.rx_key, kp.local_index, c, p))
+                   for c, p in enumerate(full)])
+    assert got == full
+    # slot 0 again, same frame end, the message 12 bytes further in (a VLAN tag and
+    # IPv4 options) and 12 bytes shorter
+    short = _inner(size=MTU - 12)
+    frame = _frame(_message(w.rx_key, kp.local_index, 3, short), vlan=True, options=2)
+    assert len(frame) == len(_frame(_message(w.rx_key, kp.local_index, 0, full[0])))
+    assert _run(w, [frame]) == [short]
+    mixed = [_inner(size=s) for s in (MTU, 100, MTU, 33)]
+    got = _run(w, [_frame(_message(w.rx_key, kp.local_index, 4 + c, p))
+                   for c, p in enumerate(mixed)])
+    assert got == mixed
+    assert _drops(w) == {}
+    assert len(w._views) <= 2 * 4  # bounded by the frames and lengths seen

@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -132,35 +131,28 @@ def _make_worker(rx_key: bytes, tx_key: bytes) -> tuple[Any, Any]:
     from wgx.dataplane.nexthop import Template
     from wgx.dataplane.sessions import SessionSlots
     from wgx.dataplane.worker import WKeypair, Worker, WorkerSpec, WPeer
-    from wgx.protocol.allowedips import AllowedIPs
 
     w = object.__new__(Worker)
     w.spec = WorkerSpec(0, "stub0", 0, "stub0", 51820, MTU, 180.0, 2**60)
     w.slots = SessionSlots(8)
-    w.running = True
-    w.stats = Counter()
+    w._init_state()
     slot = w.slots.allocate()
     kp = WKeypair(local_index=0x11223344, slot=slot, peer_id=1,
                   receiver=ChaCha20Poly1305(rx_key), sender=ChaCha20Poly1305(tx_key),
                   remote_index=0x55667788, created=time.monotonic(), initiator=True,
                   confirmed=True, window=w.slots.window(slot))
-    w.keypairs = {kp.local_index: kp}
-    w.peers = {1: WPeer(1, endpoint=("198.18.0.2", 51820), current=kp)}
-    allowed: AllowedIPs[int] = AllowedIPs()
-    allowed.insert(ipaddress.ip_network("10.99.0.0/24"), 1)
-    w.allowed = allowed
+    w.keypairs[kp.local_index] = kp
+    w.peers[1] = WPeer(1, endpoint=("198.18.0.2", 51820), current=kp)
+    w.allowed.insert(ipaddress.ip_network("10.99.0.0/24"), 1)
     w.umem = _Umem(1024)
     w.xsk = _Xsk()
     w.tun = _Tun()
     w._arena = None
-    w._rx_out = []
     w.nexthops = _NextHops(Template(b"\x02" * 6, b"\x02\x00\x00\x00\x00\x01",
                                     socket.inet_aton("198.18.0.1"),
                                     socket.inet_aton("198.18.0.2"), 51820, 51820))
     w.raw4 = w.raw6 = None
     w.link_mtu = 1500
-    w._stage = []
-    w._confirm = []
     return w, kp
 
 
