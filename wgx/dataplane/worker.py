@@ -400,8 +400,16 @@ class Worker:
         self.stats["tx_batches"] += 1
         by_peer: dict[int, list[bytes]] = {}
         lookup = self.allowed.lookup_packet_dst
+        owners: dict[bytes, int | None] = {}  # destination -> peer, once per batch
         for p in packets:
-            peer_id = lookup(p)
+            version = p[0] >> 4 if p else 0
+            if version == 4 or version == 6:
+                dst = bytes(p[16:20]) if version == 4 else bytes(p[24:40])
+                peer_id = owners.get(dst, -1)
+                if peer_id == -1:
+                    peer_id = owners[dst] = lookup(p)
+            else:
+                peer_id = None
             if peer_id is None:
                 self.stats["drop_no_peer"] += 1
                 continue
@@ -532,8 +540,9 @@ class Worker:
         while self.running:
             ready = {fd for fd, _ in poll.poll(REPORT_INTERVAL * 1000)}
             # Commands first: a packet may arrive together with the keypair it needs.
-            while self.cmd.poll():
-                self.apply(self.cmd.recv())
+            if cfd in ready:
+                while self.cmd.poll():
+                    self.apply(self.cmd.recv())
             if xfd in ready:
                 self.rx()
             if tfd in ready:
