@@ -166,6 +166,7 @@ class Worker:
             "staged", "rx_out_of_order"), 0)
         self._rx_out: list[memoryview] = []
         self._views: dict[int, tuple[int, memoryview, memoryview]] = {}
+        self._tx_views: dict[int, tuple[memoryview, memoryview]] = {}  # frame + plen
         self._stage: list[bytes] = []
         self._confirm: list[int] = []
 
@@ -469,6 +470,9 @@ class Worker:
         nframes = len(frames)
         total = 0
         unused: list[int] = []
+        views = self._tx_views  # (plaintext, sealed) per frame start + padded length
+        if len(views) > VIEW_CACHE_MAX:
+            views.clear()
         for k, packet in enumerate(plist):
             counter = first + k
             n = len(packet)
@@ -493,7 +497,10 @@ class Worker:
             mv[b : b + n] = packet
             if plen > n:
                 mv[b + n : b + plen] = _ZEROS[: plen - n]
-            seal(nonce(counter), mv[b : b + plen], None, mv[b : b + plen + 16])
+            v = views.get(addr + plen)  # frames are FRAME_SIZE-aligned, plen < FRAME_SIZE
+            if v is None:
+                v = views[addr + plen] = (mv[b : b + plen], mv[b : b + plen + 16])
+            seal(nonce(counter), v[0], None, v[1])
             addrs_out.append(addr)
             lens_out.append(HEADER_LEN + msg_len)
         if unused:
@@ -556,6 +563,7 @@ class Worker:
 
     def close(self) -> None:
         self._views.clear()  # they pin the UMEM mapping
+        self._tx_views.clear()
         self._rx_out.clear()
         with contextlib.suppress(Exception):
             self.xsk.close()
