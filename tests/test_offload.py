@@ -1136,6 +1136,26 @@ def test_coalesce_udp_fragments_not_merged_and_break_runs_of_the_pair(path):
     check_udp_super(out[0], segs)
 
 
+def test_coalesce_tcp_fragments_break_runs_of_the_pair(path):
+    segs = flow(n=6)
+    frag = bytearray(tcp_packet(payload=rand_payload(800, 5), ipid=99, df=False))
+    struct.pack_into("!H", frag, 6, 100)  # a non-first fragment: "ports" are payload bytes
+    struct.pack_into("!H", frag, 10, 0)
+    struct.pack_into("!H", frag, 10, ref_csum(bytes(frag[:20])))
+    out = coalesce(segs[:2] + [bytes(frag)] + segs[2:])
+    assert len(out) == 3  # the later segments never overtake the fragment
+    check_super(out[0], segs[:2])
+    assert out[1] == bytes(10) + bytes(frag)
+    check_super(out[2], segs[2:])
+    other = bytearray(frag)  # another address pair's fragment does not break the run
+    other[19] = 77
+    struct.pack_into("!H", other, 10, 0)
+    struct.pack_into("!H", other, 10, ref_csum(bytes(other[:20])))
+    out = coalesce(segs[:2] + [bytes(other)] + segs[2:])
+    assert len(out) == 2
+    check_super(out[0], segs)
+
+
 @pytest.mark.parametrize(
     "v6,where",
     [

@@ -790,7 +790,7 @@ def coalesce(
     Order: a run is emitted at the position of its first packet, so packets of
     one flow keep their order (a packet that cannot join breaks the run; a
     run never takes a packet from before a non-joinable packet of its flow;
-    an IPv4 UDP fragment breaks every UDP run between its addresses) and other
+    an IPv4 fragment breaks every run of its protocol between its addresses) and other
     flows' packets are only overtaken by the later packets of a run.
     Never raises on garbage; never drops.
     """
@@ -837,9 +837,14 @@ def coalesce(
                 key = (addrs << 32) | ports
                 hlen = 20 + ((dfl >> 12) << 2)
                 # fttp: flags/fragment offset, TTL, protocol; dfl: data offset, flags.
+                if fttp & 0x3FFF0000:
+                    # A fragment: as for UDP, end every TCP run between these addresses.
+                    for k in [k for k in open_groups if type(k) is int and k >> 32 == addrs]:
+                        del open_groups[k]
+                    slots.append(p)
+                    continue
                 if (
                     tot != n
-                    or fttp & 0x3FFF0000
                     or dfl < 0x5000
                     or n <= hlen
                     or (dfl & 0x0FFF != _ACK and dfl & 0x0FFF != _ACK | _PSH)
