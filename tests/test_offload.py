@@ -1139,7 +1139,8 @@ def test_coalesce_udp_fragments_not_merged_and_break_runs_of_the_pair(path):
 def test_coalesce_tcp_fragments_break_runs_of_the_pair(path):
     segs = flow(n=6)
     frag = bytearray(tcp_packet(payload=rand_payload(800, 5), ipid=99, df=False))
-    struct.pack_into("!H", frag, 6, 100)  # a non-first fragment: "ports" are payload bytes
+    frag[20:] = rand_payload(len(frag) - 20, 6)  # a non-first fragment: payload, no TCP header
+    struct.pack_into("!H", frag, 6, 100)
     struct.pack_into("!H", frag, 10, 0)
     struct.pack_into("!H", frag, 10, ref_csum(bytes(frag[:20])))
     out = coalesce(segs[:2] + [bytes(frag)] + segs[2:])
