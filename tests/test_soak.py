@@ -11,9 +11,14 @@ daemon and its workers.
 Holds, after a warm-up: no process gains fds, no worker died or was
 replaced, every transfer arrived intact, keys really turned over (one
 handshake per 4 x REKEY_AFTER_TIME at least), and the peer is not stuck at the
-end (a fresh handshake, pings through). Total PSS must grow by at most 10%;
-today it does not on the XDP path (a known defect, see the end of the test),
-and that outcome is reported as an expected failure with the figures.
+end (a fresh handshake, pings through), and the memory the three processes own
+grows by at most 10%: the proportional share (PSS) of their anonymous and
+shared-memory pages. Their file-backed pages (the interpreter's and libraries'
+code) are shared with every other process that maps the same files, so their
+share moves whenever an unrelated process starts or exits (the daemon's went
+from 14.2 to 6.9 MB between two samples 10 s apart, its RSS unchanged); total
+PSS is reported alongside. See docs/reliability-memory.md for the copy-on-write
+growth this once caught.
 
 WGX_SOAK_SECONDS overrides the 1800 s (for a quick local run); the figures
 are written to the file named by WGX_SOAK_REPORT, if set.
@@ -41,11 +46,13 @@ MIB = 1 << 20
 GROWTH_MAX = 1.10
 
 
-def _pss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no Pss in /proc/{pid}/smaps_rollup")
+def _rollup_kb(pid: int) -> dict[str, int]:
+    """The kB fields of /proc/PID/smaps_rollup (Pss, Pss_Anon, Pss_Shmem, ...)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, value = line.partition(":")
+        out[key] = int(value.split()[0])
+    return out
 
 
 def _fds(pid: int) -> int:
@@ -53,8 +60,11 @@ def _fds(pid: int) -> int:
 
 
 def _sample(pids: list[int]) -> dict[str, Any]:
-    pss = {p: _pss_kb(p) for p in pids}
+    rollups = {p: _rollup_kb(p) for p in pids}
+    pss = {p: r["Pss"] for p, r in rollups.items()}
+    owned = {p: r["Pss_Anon"] + r["Pss_Shmem"] for p, r in rollups.items()}
     return {"t": time.monotonic(), "pss_kb": sum(pss.values()), "pss_by_pid": pss,
+            "owned_kb": sum(owned.values()), "owned_by_pid": owned,
             "fds": {p: _fds(p) for p in pids}}
 
 
@@ -99,14 +109,21 @@ def test_soak_mixed_traffic_with_fast_rekeys() -> None:
     assert len(warm) >= 6, f"only {len(warm)} samples after the warm-up"
     base_pss = statistics.median(s["pss_kb"] for s in warm[:3])
     end_pss = statistics.median(s["pss_kb"] for s in warm[-3:])
+    base_owned = statistics.median(s["owned_kb"] for s in warm[:3])
+    end_owned = statistics.median(s["owned_kb"] for s in warm[-3:])
     report = {
         "seconds": SOAK_SECONDS, "cycles": cycles, "bytes_moved": moved,
-        "handshakes_seen": len(handshakes), "pss_kb_after_warmup": base_pss,
-        "pss_kb_end": end_pss, "pss_kb_max": max(s["pss_kb"] for s in warm),
-        "growth": end_pss / base_pss, "fds_after_warmup": warm[0]["fds"],
-        "fds_end": warm[-1]["fds"], "pss_by_pid_after_warmup": warm[0]["pss_by_pid"],
-        "pss_by_pid_end": warm[-1]["pss_by_pid"], "wgx_stats": {k: v for k, v in ints(st).items()
-                                                 if k.startswith(("stat.", "drop."))},
+        "handshakes_seen": len(handshakes),
+        "owned_kb_after_warmup": base_owned, "owned_kb_end": end_owned,
+        "owned_kb_max": max(s["owned_kb"] for s in warm), "growth": end_owned / base_owned,
+        "owned_by_pid_after_warmup": warm[0]["owned_by_pid"],
+        "owned_by_pid_end": warm[-1]["owned_by_pid"],
+        "pss_kb_after_warmup": base_pss, "pss_kb_end": end_pss,
+        "pss_kb_max": max(s["pss_kb"] for s in warm), "pss_growth": end_pss / base_pss,
+        "pss_by_pid_after_warmup": warm[0]["pss_by_pid"],
+        "pss_by_pid_end": warm[-1]["pss_by_pid"],
+        "fds_after_warmup": warm[0]["fds"], "fds_end": warm[-1]["fds"],
+        "wgx_stats": {k: v for k, v in ints(st).items() if k.startswith(("stat.", "drop."))},
     }
     out = os.environ.get("WGX_SOAK_REPORT")
     if out:
@@ -114,9 +131,4 @@ def test_soak_mixed_traffic_with_fast_rekeys() -> None:
     print(json.dumps(report))
     assert warm[-1]["fds"] == warm[0]["fds"], report
     assert len(handshakes) >= SOAK_SECONDS / (REKEY_AFTER_TIME * 4), report
-    if end_pss > GROWTH_MAX * base_pss:
-        # Known defect, tracked in issue 6: on the XDP path the daemon and workers
-        # grow by ~0.3-0.8 MB/min under traffic, outside Python's allocator
-        # (sys.getallocatedblocks stays flat; malloc_trim does not return it). Everything
-        # else above is still enforced; this outcome is reported, with the figures.
-        pytest.xfail(f"PSS grew {end_pss / base_pss - 1:.0%} (> 10%): {json.dumps(report)}")
+    assert end_owned <= GROWTH_MAX * base_owned, report
