@@ -93,8 +93,7 @@ class Tun:
         except BlockingIOError:
             return None
         except OSError as e:
-            if e.errno in (errno.EBADFD, errno.EIO, errno.ENODEV):
-                raise TunGone(self.name) from e
+            self._raise_if_gone(e)
             raise
 
     def read_batch(self, max_n: int, max_bytes: int | None = None) -> list[bytes]:
@@ -102,17 +101,21 @@ class Tun:
         early once `max_bytes` have been read (so TSO super-packets bound the batch by
         size and small packets by count)."""
         out: list[bytes] = []
-        read = self.read
+        fd, size, read = self.fd, MAX_PACKET + offload.VNET_HDR_LEN, os.read
         budget = max_bytes if max_bytes is not None else -1
-        for _ in range(max_n):
-            p = read()
-            if p is None:
-                break
-            out.append(p)
-            if budget >= 0:
-                budget -= len(p)
-                if budget <= 0:
-                    break
+        try:
+            for _ in range(max_n):
+                p = read(fd, size)
+                out.append(p)
+                if budget >= 0:
+                    budget -= len(p)
+                    if budget <= 0:
+                        break
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            self._raise_if_gone(e)
+            raise
         return out
 
     def write(self, packet: bytes | memoryview) -> None:
@@ -132,10 +135,14 @@ class Tun:
         except BlockingIOError:
             pass  # the kernel queue is full: drop, like a congested link
         except OSError as e:
-            if e.errno in (errno.EBADFD, errno.EIO, errno.ENODEV):
-                raise TunGone(self.name) from e
+            self._raise_if_gone(e)
             if e.errno not in (errno.EINVAL, errno.ENOBUFS):
                 raise
+
+    def _raise_if_gone(self, e: OSError) -> None:
+        """TunGone for the errors of a deleted device."""
+        if e.errno in (errno.EBADFD, errno.EIO, errno.ENODEV):
+            raise TunGone(self.name) from e
 
     def mtu(self) -> int | None:
         """The device MTU as seen from the namespace we were created in, or None if not there."""
