@@ -17,7 +17,7 @@ shared-memory pages. Their file-backed pages (the interpreter's and libraries'
 code) are shared with every other process that maps the same files, so their
 share moves whenever an unrelated process starts or exits (the daemon's went
 from 14.2 to 6.9 MB between two samples 10 s apart, its RSS unchanged); total
-PSS is reported alongside. See docs/reliability-memory.md for the copy-on-write
+PSS is reported alongside. See docs/reliability.md ("Soak") for the copy-on-write
 growth this once caught.
 
 WGX_SOAK_SECONDS overrides the 1800 s (for a quick local run); the figures
