@@ -141,16 +141,13 @@ class BenchConfig:
         mine = os.sched_getaffinity(0)
         if self.junk_cpu == "off" or (self.junk_cpu == "auto" and len(mine) < 2):
             return None
-        cpu = max(mine) if self.junk_cpu == "auto" else _int_or_none(self.junk_cpu)
+        cpu = (max(mine) if self.junk_cpu == "auto"
+               else int(self.junk_cpu) if self.junk_cpu.isdigit() else None)
         if cpu is None or cpu not in mine or len(mine) < 2:
             raise LabError(f"--junk-cpu {self.junk_cpu}: use auto, off or one of the CPUs "
                            f"{','.join(map(str, sorted(mine)))} (another one must be left "
                            "for the path)")
         return {cpu}, mine - {cpu}
-
-
-def _int_or_none(text: str) -> int | None:
-    return int(text) if text.isdigit() else None
 
 
 # --------------------------------------------------------------------- one path

@@ -177,7 +177,6 @@ def set_affinity(pids: Iterable[int], cpus: set[int]) -> None:
                 os.sched_setaffinity(tid, cpus)
 
 
-
 def cpu_ticks(pid: int) -> int | None:
     """utime + stime of `pid` (all its threads), in clock ticks; None if gone."""
     st = proc_stat(pid)
