@@ -1329,3 +1329,69 @@ def test_benchmark_prints_numbers(capsys):
     assert res["split_v4_64k_x1_us_per_segment"] < 10
     assert res["coalesce_v4_64pkt_verify=True_us_per_packet"] < 20
     assert res["coalesce_udp_v4_64x1372_udp=True_us_per_packet"] < 20
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_coalesce_udp_one_flow_fast_plan_equals_general_plan(data):
+    """The one-flow UDP fast plan (`_plan_udp4_flow`) gives byte for byte what the
+    general plan gives, on batches at and just past its conditions: one mutated
+    datagram (size, TOS, TTL, DF, fragment bits, ports, length fields, checksums,
+    IPv6) anywhere in an IPv4 flow."""
+    n = data.draw(st.integers(2, 70))
+    size = data.draw(st.sampled_from([1, 7, 700, 1372, 1400, 9000, 40000, 65507]))
+    ipid = data.draw(st.integers(0, 0xFFFF))
+    pkts = [udp_packet(payload=rand_payload(size, k), sport=40000, dport=5201,
+                       ipid=(ipid + k) & 0xFFFF) for k in range(n)]
+    kind = data.draw(st.sampled_from(
+        ["none", "none", "short", "big", "tos", "ttl", "nodf", "mf", "port", "totlen",
+         "udplen", "badsum", "ipsum", "zerosum", "v6"]))
+    at = data.draw(st.sampled_from([0, n - 1, data.draw(st.integers(0, n - 1))]))
+    p = pkts[at]
+    if kind in ("short", "big"):
+        big = st.integers(size, min(size + 90, 65507))
+        m = data.draw(st.integers(1, size) if kind == "short" else big)
+        p = udp_packet(payload=rand_payload(m, 7), sport=40000, dport=5201, ipid=at)
+    elif kind in ("tos", "ttl", "nodf", "port", "zerosum", "v6"):
+        sport = 40001 if kind == "port" else 40000
+        p = udp_packet(kind == "v6", rand_payload(size, at), sport=sport, dport=5201,
+                       ipid=(ipid + at) & 0xFFFF, tos=4 if kind == "tos" else 0,
+                       ttl=9 if kind == "ttl" else 64, df=kind != "nodf",
+                       zero_csum=kind == "zerosum")
+    elif kind in ("mf", "totlen", "udplen", "badsum", "ipsum"):
+        b = bytearray(p)
+        flips = {"mf": (6, 0x20), "totlen": (3, 1), "udplen": (25, 1), "badsum": (-1, 0x40),
+                 "ipsum": (10, 0x08)}
+        off, bit = flips[kind]
+        b[off] ^= bit
+        p = bytes(b)
+    pkts[at] = p
+    last = data.draw(st.sampled_from([None, -1, 10]))  # and perhaps a bad last one
+    if last is not None:
+        b = bytearray(pkts[-1])
+        b[last] ^= 0x10
+        pkts[-1] = bytes(b)
+    max_segments = data.draw(st.sampled_from([1, 5, 64, 80]))
+    fast = coalesce(pkts, udp=True, max_segments=max_segments)
+    plain = offload._plan_udp4_flow
+    try:
+        offload._plan_udp4_flow = lambda *a: None
+        general = coalesce(pkts, udp=True, max_segments=max_segments)
+    finally:
+        offload._plan_udp4_flow = plain
+    assert fast == general
+
+
+@pytest.mark.parametrize("flip", [10, 26, -1], ids=["ip-header", "udp-csum", "payload"])
+def test_coalesce_udp_flow_short_last_with_bad_checksum_goes_alone(flip):
+    """The one-flow fast plan's shorter last datagram is verified too: a bad IP header
+    or UDP checksum on it keeps it out of the run, counted."""
+    pkts = dgrams(n=9, last=500)
+    b = bytearray(pkts[-1])
+    b[flip] ^= 0x10
+    pkts[-1] = bytes(b)
+    stats = offload.OffloadStats()
+    out = coalesce(pkts, udp=True, stats=stats)
+    assert len(out) == 2 and stats.coalesce_bad_csum == 1
+    check_udp_super(out[0], pkts[:8])
+    assert out[1] == bytes(10) + pkts[-1]
