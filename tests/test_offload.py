@@ -1395,3 +1395,44 @@ def test_coalesce_udp_flow_short_last_with_bad_checksum_goes_alone(flip):
     assert len(out) == 2 and stats.coalesce_bad_csum == 1
     check_udp_super(out[0], pkts[:8])
     assert out[1] == bytes(10) + pkts[-1]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_split_uniform_csum_batch_equals_general_path(data):
+    """The one-flow NEEDS_CSUM fast path (`_csum_uniform`) gives byte for byte what the
+    general path gives (and the same counters), on batches at and just past its
+    conditions: one read changed (size, header fields, odd offsets, GSO, a view)."""
+    v6 = data.draw(st.booleans())
+    l4 = 40 if v6 else 20
+    n = data.draw(st.integers(1, 70))
+    size = data.draw(st.sampled_from([1, 400, 600, 1372, 1373, 9000]))
+    bufs: list = [pack_vnet_hdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, 0, 0, l4, 6)
+                  + udp_packet(v6, rand_payload(size, k), partial=True) for k in range(n)]
+    kind = data.draw(st.sampled_from(
+        ["none", "none", "size", "flags", "gso", "cstart", "coff", "hdr_len", "view", "short"]))
+    at = data.draw(st.integers(0, n - 1))
+    hdr = list(offload.parse_vnet_hdr(bufs[at]))
+    if kind == "size":
+        bufs[at] = bufs[at][:10] + udp_packet(v6, rand_payload(size + 2, 9), partial=True)
+    elif kind == "view":
+        bufs[at] = memoryview(bufs[at])
+    elif kind == "short":
+        bufs[at] = bufs[at][:7]
+    elif kind != "none":
+        changes = {"flags": (0, 0), "gso": (1, VIRTIO_NET_HDR_GSO_TCPV4), "cstart": (4, l4 + 1),
+                   "coff": (5, 16), "hdr_len": (2, 99)}
+        field, value = changes[kind]
+        hdr[field] = value
+        for k in range(n) if data.draw(st.booleans()) else [at]:  # one read, or all
+            bufs[k] = pack_vnet_hdr(*hdr) + bytes(bufs[k][10:])
+    fast_stats, general_stats = offload.OffloadStats(), offload.OffloadStats()
+    fast = [bytes(o) for o in split_gso_batch(bufs, 65535, stats=fast_stats)]
+    plain = offload._csum_uniform
+    try:
+        offload._csum_uniform = lambda *a: None
+        general = [bytes(o) for o in split_gso_batch(bufs, 65535, stats=general_stats)]
+    finally:
+        offload._csum_uniform = plain
+    assert fast == general
+    assert fast_stats.as_dict() == general_stats.as_dict()
