@@ -231,10 +231,16 @@ def test_tx_batch_frames_decrypt_to_the_padded_packets(rig: Any) -> None:
         or len(a)
     w.tx()
     assert w.stats["drop_no_peer"] == 1
-    assert len(sent) == len(sizes)
+    _check_sent(w, kp, tx_key, sent, packets[:-1])
+
+
+def _check_sent(w: Any, kp: Any, tx_key: bytes, sent: list[tuple[int, int]],
+                packets: list[bytes], first: int = 0) -> None:
+    """Each submitted frame: link, IP and UDP headers right, and a transport message with
+    counters first, first+1, ... that decrypts to its packet and zero padding."""
+    assert len(sent) == len(packets)
     aead = ChaCha20Poly1305(tx_key)
-    for k, ((addr, length), size, packet) in enumerate(zip(sent, sizes, packets[:-1],
-                                                            strict=True)):
+    for k, ((addr, length), packet) in enumerate(zip(sent, packets, strict=True)):
         frame = bytes(w.umem.buf[addr : addr + length])
         ip, udp, msg = frame[14:34], frame[34:42], frame[42:]
         assert frame[:14] == w.nexthops.tpl.bytes[:14]
@@ -242,11 +248,31 @@ def test_tx_batch_frames_decrypt_to_the_padded_packets(rig: Any) -> None:
         assert struct.unpack_from("!H", ip, 2)[0] == length - 14
         assert struct.unpack_from("!H", udp, 4)[0] == len(msg) + 8
         mtype, receiver, counter = struct.unpack_from("<IIQ", msg)
-        assert (mtype, receiver, counter) == (4, kp.remote_index, k)
+        assert (mtype, receiver, counter) == (4, kp.remote_index, first + k)
         plain = aead.decrypt(b"\0" * 4 + counter.to_bytes(8, "little"), msg[16:], None)
-        assert len(plain) == padded_len(size, MTU)
-        assert plain == packet + bytes(len(plain) - size)
-    assert w.slots.send_counter(kp.slot) == len(sizes)
+        assert len(plain) == padded_len(len(packet), MTU)
+        assert plain == packet + bytes(len(plain) - len(packet))
+    assert w.slots.send_counter(kp.slot) == first + len(packets)
+
+
+@pytest.mark.parametrize("size", [1400, 1401, 1420, 100])
+def test_tx_equal_packets_take_the_numpy_fill_and_decrypt(rig: Any, size: int) -> None:
+    """A batch of equal packets (the numpy frame fill) into frames full of stale bytes,
+    twice, so counters continue and padding is rewritten."""
+    w, kp = rig
+    tx_key = os.urandom(32)
+    kp.sender = ChaCha20Poly1305(tx_key)
+    w.umem.buf[:] = 0xAA
+    sent: list[tuple[int, int]] = []
+    w.xsk.tx_submit = lambda a, ln: sent.extend(zip(a.tolist(), ln.tolist(), strict=True)) \
+        or len(a)
+    for rnd in range(2):
+        packets = [_inner(src="10.99.0.1", size=size)[:16] + socket.inet_aton("10.99.0.2")
+                   + bytes((i + rnd) % 256 for i in range(size - 20)) for _ in range(20)]
+        w.tun = _TxTun(packets)
+        sent.clear()
+        w.tx()
+        _check_sent(w, kp, tx_key, sent, packets, first=20 * rnd)
 
 
 def test_tun_read_batch_stops_at_count_or_bytes() -> None:
@@ -339,3 +365,14 @@ def test_frame_reused_with_another_layout_and_sizes(rig: Any) -> None:
     assert got == mixed
     assert _drops(w) == {}
     assert len(w._views) <= 2 * 4  # bounded by the frames and lengths seen
+
+
+def test_tx_batch_to_one_unknown_destination_is_counted(rig: Any) -> None:
+    """The one-destination fast path drops (and counts) a batch nobody's allowed IPs hold."""
+    w, _ = rig
+    packets = [_inner(src="10.99.0.1", size=200)[:16] + socket.inet_aton("10.77.0.1")
+               + bytes(180) for _ in range(12)]
+    w.tun = _TxTun(packets)
+    w.xsk.tx_submit = lambda a, ln: pytest.fail("nothing may be sent")
+    w.tx()
+    assert w.stats["drop_no_peer"] == 12

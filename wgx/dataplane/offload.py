@@ -159,11 +159,12 @@ UDP_MAX_SEGMENTS = 64
 
 # Below these sizes the scalar (big-int) checksum beats numpy's fixed cost.
 _SCALAR_JOB_BYTES = 512  # a NEEDS_CSUM packet this small is finished in Python
-# Callers merge UDP runs only in batches of at least this many packets: verifying
-# and merging costs ~1.3-2 us per datagram in Python against ~1.6 us of kernel
-# time saved per write avoided, a loss at batches of ~8 and a gain at 64
-# (docs/udp-coalescing.md).
-UDP_COALESCE_MIN_BATCH = 32
+# Callers merge UDP runs only in batches of at least this many packets: merging
+# one flow's datagrams costs, over writing them singly, about 1.8 / 1.3 / 1.05 /
+# 0.72 / 0.47 us more Python per datagram at batches of 8 / 12 / 16 / 32 / 64
+# (`python -m wgx.dataplane.offload`), against ~1.6 us of kernel time saved per
+# write avoided (docs/udp-coalescing.md): a loss at ~8, a gain from ~12.
+UDP_COALESCE_MIN_BATCH = 16
 _VECTOR_MIN_SEGMENTS = 4  # a super-packet of fewer segments: scalar path
 _VECTOR_MIN_CSUM = 4  # fewer big NEEDS_CSUM packets than this in a batch: scalar path
 _VECTOR_MIN_VERIFY = 6  # fewer coalescing candidates than this: scalar verify
