@@ -843,7 +843,7 @@ def coalesce(
         merged = [g for g in groups if len(g.idx) > 1]
         if merged:
             m = merged[-1].idx[-1] + 1  # a flow plan's merged runs: packets[:m]
-            if plan is not None and m >= _VECTOR_MIN_VERIFY:
+            if plan is not None and m >= _VECTOR_MIN_VERIFY and not len(packets[0]) & 1:
                 bad = _bad_udp4_flow(packets, m)
             else:
                 bad = _bad_checksums(packets, merged)
@@ -1132,7 +1132,7 @@ def _bad_checksums(packets: Sequence[Buffer], groups: list[_Group]) -> set[int]:
 
 def _bad_udp4_flow(packets: Sequence[Buffer], m: int) -> set[int]:
     """`_bad_checksums` for packets[:m] of a `_plan_udp4_flow` batch (one IPv4 UDP
-    flow, equal lengths but perhaps the last): the equal-length ones as one 2D
+    flow, equal even lengths but perhaps the last): the equal-length ones as one 2D
     array, a few numpy calls in all, the last one in Python if shorter."""
     first = len(packets[0])
     rows = m if len(packets[m - 1]) == first else m - 1
@@ -1140,8 +1140,6 @@ def _bad_udp4_flow(packets: Sequence[Buffer], m: int) -> set[int]:
     # hence the x256) plus the pseudo-header to 0, unless the UDP checksum is 0.
     base = _PROTO_UDP - 20 + _addr_sum(packets[0], False)
     bad: set[int] = set()
-    if first & 1:
-        return _bad_checksums(packets, [_flow_group(packets, m)])
     w = np.frombuffer(b"".join(packets[:rows]), np.uint16).reshape(rows, first >> 1)
     head = w[:, :10].sum(axis=1, dtype=np.uint32) % _M
     rest = w[:, 10:].sum(axis=1, dtype=np.uint32) % _M
@@ -1155,13 +1153,6 @@ def _bad_udp4_flow(packets: Sequence[Buffer], m: int) -> set[int]:
         if (r and (p[26] or p[27])) or _sum_mod(p[:20]):
             bad.add(m - 1)
     return bad
-
-
-def _flow_group(packets: Sequence[Buffer], m: int) -> _Group:
-    """packets[:m] of a `_plan_udp4_flow` batch as one (verification-only) group."""
-    g = _Group(0, False, 28, len(packets[0]) - 28, 0, (), 0, True)
-    g.idx = list(range(m))
-    return g
 
 
 def _split_bad(slots: list, bad: set[int], packets: Sequence[Buffer]) -> list:
