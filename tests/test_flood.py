@@ -7,6 +7,8 @@ import struct
 
 from test_offload import ref_csum
 
+from wgx.dataplane.offload import OffloadStats, coalesce
+from wgx.lab import cryptobench as cb
 from wgx.lab.flood import bad_mac1, initiations, spoofed_sources, udp_frame
 from wgx.protocol import crypto
 from wgx.protocol.cookie import CookieChecker
@@ -48,6 +50,19 @@ def test_udp_frame_headers_and_checksums() -> None:
     assert (sport, dport, ulen) == (1234, 51820, 156) and udp[8:] == payload
     pseudo = ip[12:20] + struct.pack("!BBH", 0, 17, ulen)
     assert ref_csum(pseudo + udp) == 0
+
+
+def test_bench_inner_packets_are_valid_so_the_coalescer_merges_them() -> None:
+    """The crypto bench's inner packets (built with `ipv4_udp_packet`) carry valid IPv4
+    and UDP checksums: a batch of them is one UDP super-packet, not eight datagrams
+    kept apart as corrupt (which is what a zero IPv4 checksum used to make of them)."""
+    packets = [cb._inner_packet(1400) for _ in range(8)]
+    for p in packets:
+        assert len(p) == 1400 and ref_csum(p[:20]) == 0
+        assert ref_csum(p[12:20] + struct.pack("!BBH", 0, 17, 1380) + p[20:]) == 0
+    st = OffloadStats()
+    out = coalesce(packets, udp=True, stats=st)
+    assert len(out) == 1 and st.coalesce_udp_merged == 8 and st.coalesce_bad_csum == 0
 
 
 def test_spoofed_sources() -> None:

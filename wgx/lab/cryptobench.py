@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from wgx.lab.flood import ipv4_udp_packet
+
 SIZES = (64, 512, 1420)
 MTU = 1420
 FRAME = 2048
@@ -42,14 +44,9 @@ _NONCE0 = b"\x00" * 4
 
 
 def _inner_packet(size: int, src: str = "10.99.0.2", dst: str = "10.99.0.1") -> bytes:
-    """An IPv4/UDP packet of exactly `size` bytes (>= 28)."""
-    import socket
-
-    body = os.urandom(size - 28)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, size, 0, 0x4000, 64, 17, 0,
-                     socket.inet_aton(src), socket.inet_aton(dst))
-    udp = struct.pack("!HHHH", 9, 9, size - 20, 0)
-    return ip + udp + body
+    """An IPv4/UDP packet of exactly `size` bytes (>= 28), checksums valid (a TUN
+    with offloads would not merge datagrams that fail them)."""
+    return ipv4_udp_packet(src, 9, dst, 9, os.urandom(size - 28))
 
 
 # ------------------------------------------------------------------- stubs

@@ -10,7 +10,8 @@ the caller.
   passes XDP's size check and the daemon's mac1 check and reaches the
   under-load / cookie logic. mac1 does not cover the IP header, so one message
   is valid from any (spoofed) source.
-* `udp_frame(...)`: an Ethernet + IPv4 + UDP frame with correct checksums.
+* `udp_frame(...)`: an Ethernet + IPv4 + UDP frame with correct checksums
+  (`ipv4_udp_packet(...)`: the same without the Ethernet header).
 * `TxRing`: an AF_PACKET socket with a PACKET_TX_RING and PACKET_QDISC_BYPASS.
   Frames are written into the ring once; each round marks every slot
   "send request" with one numpy store and kicks the kernel with one send(), so
@@ -84,6 +85,13 @@ def mac_bytes(mac: str) -> bytes:
 def udp_frame(src_mac: bytes, dst_mac: bytes, src: str, sport: int, dst: str, dport: int,
               payload: bytes, ttl: int = 64) -> bytes:
     """Ethernet + IPv4 (no options, DF) + UDP frame carrying `payload`, checksums set."""
+    return (dst_mac + src_mac + struct.pack("!H", ETH_P_IP)
+            + ipv4_udp_packet(src, sport, dst, dport, payload, ttl))
+
+
+def ipv4_udp_packet(src: str, sport: int, dst: str, dport: int, payload: bytes,
+                    ttl: int = 64) -> bytes:
+    """IPv4 (no options, DF) + UDP packet carrying `payload`, both checksums set."""
     s, d = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
     ulen = 8 + len(payload)
     pseudo = s + d + struct.pack("!BBH", 0, 17, ulen)
@@ -91,8 +99,7 @@ def udp_frame(src_mac: bytes, dst_mac: bytes, src: str, sport: int, dst: str, dp
     ucsum = internet_checksum(pseudo + udp) or 0xFFFF
     udp = udp[:6] + struct.pack("!H", ucsum) + udp[8:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0x4000, ttl, 17, 0, s, d)
-    ip = ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:]
-    return dst_mac + src_mac + struct.pack("!H", ETH_P_IP) + ip + udp
+    return ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:] + udp
 
 
 def junk_payloads(n: int = 512, seed: int = 0) -> list[bytes]:
