@@ -227,7 +227,7 @@ def test_tx_batch_frames_decrypt_to_the_padded_packets(rig: Any) -> None:
                    + bytes(60))  # no peer for 10.77.0.1
     w.tun = _TxTun(packets)
     sent: list[tuple[int, int]] = []
-    w.xsk.tx_submit = lambda a, ln: sent.extend(zip(a.tolist(), ln.tolist(), strict=True)) \
+    w.xsk.tx_submit = lambda a, ln: sent.extend(zip(map(int, a), map(int, ln), strict=True)) \
         or len(a)
     w.tx()
     assert w.stats["drop_no_peer"] == 1
@@ -264,7 +264,7 @@ def test_tx_equal_packets_take_the_numpy_fill_and_decrypt(rig: Any, size: int) -
     kp.sender = ChaCha20Poly1305(tx_key)
     w.umem.buf[:] = 0xAA
     sent: list[tuple[int, int]] = []
-    w.xsk.tx_submit = lambda a, ln: sent.extend(zip(a.tolist(), ln.tolist(), strict=True)) \
+    w.xsk.tx_submit = lambda a, ln: sent.extend(zip(map(int, a), map(int, ln), strict=True)) \
         or len(a)
     for rnd in range(2):
         packets = [_inner(src="10.99.0.1", size=size)[:16] + socket.inet_aton("10.99.0.2")

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -79,7 +80,8 @@ def test_struct_layouts() -> None:
 
 
 @pytest.mark.parametrize("start", [0, 0xFFFFFFF0, 0xFFFFFFFF])
-def test_fill_ring_wraps(start: int) -> None:
+@pytest.mark.parametrize("as_list", [False, True], ids=["arrays", "lists"])
+def test_fill_ring_wraps(start: int, as_list: bool) -> None:
     size = 8
     buf = _fake(size, xsk.ADDR_DTYPE, start)
     ring = xsk.FillRing(buf, size, OFF, xsk.ADDR_DTYPE, name="fill")
@@ -88,7 +90,7 @@ def test_fill_ring_wraps(start: int) -> None:
     nxt = 0
     for _ in range(40):  # many laps around the ring and across 2**32
         want = np.arange(nxt, nxt + 5, dtype=np.uint64) * 2048
-        n = ring.produce(want)
+        n = ring.produce(want.tolist() if as_list else want)
         nxt += n
         prod, cons = _idx(buf, OFF.producer), _idx(buf, OFF.consumer)
         assert (prod - cons) & 0xFFFFFFFF <= size
@@ -105,8 +107,10 @@ def test_fill_ring_wraps(start: int) -> None:
 
 
 @pytest.mark.parametrize("start", [0, 0xFFFFFFFA])
-def test_rx_and_completion_rings_wrap(start: int) -> None:
-    size = 8
+@pytest.mark.parametrize(("size", "burst", "want"), [(8, 5, 4), (32, 13, 16)])
+def test_rx_and_completion_rings_wrap(start: int, size: int, burst: int, want: int) -> None:
+    """Batches up to xsk.SMALL_BATCH come back as lists, bigger ones as arrays; the
+    second case mixes both, and every entry comes out once, in order."""
     buf = _fake(size, xsk.DESC_DTYPE, start)
     rx = xsk.RxRing(buf, size, OFF, xsk.DESC_DTYPE, name="rx")
     desc = np.frombuffer(buf, dtype=xsk.DESC_DTYPE, count=size, offset=OFF.desc)
@@ -116,14 +120,18 @@ def test_rx_and_completion_rings_wrap(start: int) -> None:
     for _ in range(30):
         prod, cons = _idx(buf, OFF.producer), _idx(buf, OFF.consumer)
         room = size - ((prod - cons) & 0xFFFFFFFF)
-        for j in range(min(room, 5)):  # kernel produces up to 5
+        for j in range(min(room, burst)):  # the kernel produces up to `burst`
             desc[(prod + j) & (size - 1)] = (made * 4096 + 256, 60 + made, 0)
             made += 1
-        _set_idx(buf, OFF.producer, prod + min(room, 5))
-        addrs, lens = rx.peek(4)
-        assert addrs.dtype == np.uint64 and lens.dtype == np.uint32
-        got_a += addrs.tolist()
-        got_l += lens.tolist()
+        _set_idx(buf, OFF.producer, prod + min(room, burst))
+        addrs, lens = rx.peek(want)
+        if len(addrs) > xsk.SMALL_BATCH:
+            assert addrs.dtype == np.uint64 and lens.dtype == np.uint32
+            addrs, lens = addrs.tolist(), lens.tolist()
+        else:
+            assert type(addrs) is list and type(lens) is list
+        got_a += addrs
+        got_l += lens
         rx.release(len(addrs))
     assert got_a == [i * 4096 + 256 for i in range(len(got_a))]
     assert got_l == [60 + i for i in range(len(got_l))]
@@ -140,25 +148,26 @@ def test_rx_and_completion_rings_wrap(start: int) -> None:
     for _ in range(20):
         prod = _idx(cbuf, OFF.producer)
         cons = _idx(cbuf, OFF.consumer)
-        k = min(size - ((prod - cons) & 0xFFFFFFFF), 7)
+        k = min(size - ((prod - cons) & 0xFFFFFFFF), burst + 2)
         for j in range(k):
             cdesc[(prod + j) & (size - 1)] = made
             made += 1
         _set_idx(cbuf, OFF.producer, prod + k)
-        out += comp.reap().tolist()
+        got = comp.reap()
+        out += got if type(got) is list else got.tolist()
     assert out == list(range(made))
     del cdesc
     comp.close()
 
 
-def test_tx_ring_wraps_and_scalar_len() -> None:
+@pytest.mark.parametrize("seq", [np.array, list], ids=["arrays", "lists"])
+def test_tx_ring_wraps_and_scalar_len(seq: Any) -> None:
     size = 4
     buf = _fake(size, xsk.DESC_DTYPE, 0xFFFFFFFE)
     tx = xsk.TxRing(buf, size, OFF, xsk.DESC_DTYPE, name="tx")
-    assert tx.produce(np.array([10, 20, 30], dtype=np.uint64), 99) == 3
+    assert tx.produce(seq([10, 20, 30]), 99) == 3
     _set_idx(buf, OFF.consumer, _idx(buf, OFF.consumer) + 3)  # kernel sent them
-    assert tx.produce(np.array([40, 50, 60, 70, 80], dtype=np.uint64),
-                      np.array([1, 2, 3, 4, 5], dtype=np.uint32)) == 4  # ring holds 4
+    assert tx.produce(seq([40, 50, 60, 70, 80]), seq([1, 2, 3, 4, 5])) == 4  # ring holds 4
     assert _idx(buf, OFF.producer) == (0xFFFFFFFE + 7) & 0xFFFFFFFF
     desc = np.frombuffer(buf, dtype=xsk.DESC_DTYPE, count=size, offset=OFF.desc)
     start = 0xFFFFFFFE + 3
@@ -340,7 +349,7 @@ def child_rx(n: int, progress_path: str, queues: str, frame_size: int, timeout: 
             if not k:
                 continue
             got_any = True
-            for a, ln in zip(addrs.tolist(), lens.tolist(), strict=True):
+            for a, ln in zip(map(int, addrs), map(int, lens), strict=True):
                 frame = bytes(s.frame(a, ln))
                 p = parse_udp4(frame)
                 if p is None or p[0] != XSK_PORT or len(p[1]) < 6:
@@ -413,7 +422,7 @@ def child_tx(dst_mac: str, n: int, dport: int, budget: int, timeout: float) -> N
     addrs = umem.alloc(n)
     assert len(addrs) == n
     lens = np.empty(n, dtype=np.uint32)
-    for i, a in enumerate(addrs.tolist()):
+    for i, a in enumerate(map(int, addrs)):
         f = build_udp4_frame(mac_bytes(dst_mac), src_mac, "198.18.0.2", "198.18.0.1",
                              40001, dport, payload(i), ident=i)
         sock.frame(a, len(f))[:] = f
@@ -440,7 +449,7 @@ def child_tx(dst_mac: str, n: int, dport: int, budget: int, timeout: float) -> N
     elapsed = time.perf_counter() - t0
     comp = np.concatenate(done) if done else np.empty(0, np.uint64)
     _emit(None, {"submitted": submitted, "left_after_kick": left, "completed": ndone,
-                 "completed_set_ok": sorted(comp.tolist()) == sorted(addrs.tolist()),
+                 "completed_set_ok": sorted(map(int, comp)) == sorted(map(int, addrs)),
                  "sendto_calls": sock.tx_syscalls, "sendto_eagain": sock.tx_eagain,
                  "kick_s": t_kick, "elapsed_s": elapsed, "stats": sock.stats(),
                  "n_free": umem.n_free, "frame_count": umem.frame_count})

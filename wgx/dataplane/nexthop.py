@@ -3,7 +3,11 @@
 `NextHops.header(endpoint)` returns the Ethernet + IPv4 + UDP header template
 for sending to `endpoint` out of the XDP interface, built from the kernel's
 route and neighbour tables through pyroute2 and cached for a second (a moved
-source address is picked up within it).
+source address is picked up within it).  Only an endpoint's first lookup runs
+on the packet path: after that `header` answers from the cache and notes the
+stale entries, and the worker calls `refresh` once its batch is out (a lookup
+opens a netlink socket: 1-3.5 ms when its code is cold, which a ping hit once a
+second).
 It returns None when the path does not leave through that interface, the
 neighbour is not resolved yet, or the endpoint is IPv6 (TX over AF_XDP is
 IPv4 only for now); the caller then sends through the kernel, which resolves
@@ -57,21 +61,36 @@ class NextHops:
         self.ifindex = socket.if_nametoindex(ifname)
         self.listen_port = listen_port
         self._cache: dict[tuple[str, int], tuple[float, Template | None]] = {}
+        self.stale: set[tuple[str, int]] = set()  # cached, older than CACHE_SECONDS
         with IPRoute() as ipr:
             msg = ipr.link("get", index=self.ifindex)[0]
         self._mac = bytes.fromhex(msg.get_attr("IFLA_ADDRESS").replace(":", ""))
 
     def header(self, endpoint: tuple[str, int], now: float | None = None) -> Template | None:
+        """The template for `endpoint` (None: send through the kernel).  Looked up now only
+        the first time; a cached one older than CACHE_SECONDS is still used, and noted in
+        `stale` for `refresh`."""
         now = time.monotonic() if now is None else now
         hit = self._cache.get(endpoint)
-        if hit is not None and now - hit[0] < CACHE_SECONDS:
+        if hit is not None:
+            if now - hit[0] >= CACHE_SECONDS:
+                self.stale.add(endpoint)
             return hit[1]
         tpl = self._resolve(endpoint)
         self._cache[endpoint] = (now, tpl)
         return tpl
 
+    def refresh(self, now: float | None = None) -> None:
+        """Look up again the endpoints `header` found stale."""
+        now = time.monotonic() if now is None else now
+        for endpoint in self.stale:
+            self._cache[endpoint] = (now, self._resolve(endpoint))
+        self.stale.clear()
+
     def invalidate(self) -> None:
+        """Forget every template: the next `header` for an endpoint looks it up."""
         self._cache.clear()
+        self.stale.clear()
 
     def _resolve(self, endpoint: tuple[str, int]) -> Template | None:
         host, port = endpoint

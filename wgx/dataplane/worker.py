@@ -57,7 +57,7 @@ from . import netdev, offload
 from .nexthop import HEADER_LEN, NextHops
 from .sessions import SessionSlots
 from .tun import Tun, TunGone
-from .xsk import Umem, XskSocket
+from .xsk import SMALL_BATCH, Umem, XskSocket
 
 log = logging.getLogger("wgx.worker")
 
@@ -421,8 +421,11 @@ class Worker:
             peer.tx_bytes += self._seal_batch(peer, kp, first, plist, tpl, addrs_out, lens_out)
             peer.tx_data += len(plist)
         if addrs_out:
-            addrs = np.array(addrs_out, dtype=np.uint64)
-            lens = np.array(lens_out, dtype=np.uint32)
+            addrs: list[int] | np.ndarray = addrs_out
+            lens: list[int] | np.ndarray = lens_out
+            if len(addrs_out) > SMALL_BATCH:
+                addrs = np.array(addrs_out, dtype=np.uint64)
+                lens = np.array(lens_out, dtype=np.uint32)
             sent = self.xsk.tx_submit(addrs, lens)
             if sent < len(addrs):
                 self.umem.free(addrs[sent:])
@@ -472,10 +475,10 @@ class Worker:
         limit = min(FRAME_SIZE, self.link_mtu + 14) - HEADER_LEN
         frames: list[int] = []
         if tpl is not None:
-            frames = self.umem.alloc(len(plist)).tolist()
+            frames = _ints(self.umem.alloc(len(plist)))
             if len(frames) < len(plist):
                 self.reap()
-                frames += self.umem.alloc(len(plist) - len(frames)).tolist()
+                frames += _ints(self.umem.alloc(len(plist) - len(frames)))
         mv = self.umem._mv
         seal = kp.sender.encrypt_into
         nonce = _NONCE.pack
@@ -610,6 +613,8 @@ class Worker:
                 self.rx()
             if tfd in ready:
                 self.tx()
+            if self.nexthops.stale:  # after the batch: its packets are already out
+                self.nexthops.refresh()
             now = time.monotonic()
             # Key confirmations and packets waiting for a handshake cannot wait.
             if now >= next_report or self._confirm or self._stage:
@@ -640,8 +645,13 @@ def _l3(mv: memoryview, a: int) -> tuple[int, int]:
     return et, a + 14
 
 
-def _parse_headers(mv: memoryview, addrs: np.ndarray,
-                   lens: np.ndarray) -> tuple[list, ...]:
+def _ints(a: np.ndarray | list[int]) -> list[int]:
+    """The xsk layer hands small batches over as lists already (see xsk.SMALL_BATCH)."""
+    return a if type(a) is list else a.tolist()  # type: ignore[union-attr]
+
+
+def _parse_headers(mv: memoryview, addrs: np.ndarray | list[int],
+                   lens: np.ndarray | list[int]) -> tuple[list, ...]:
     """Per-frame header parse: (ok, body offset, end, receiver index, counter) lists.
 
     The body is the WireGuard message past its 16-byte header: ciphertext and tag.
@@ -649,7 +659,7 @@ def _parse_headers(mv: memoryview, addrs: np.ndarray,
     The usual frame (Ethernet, IPv4 without options) takes one `struct` call; VLAN
     tags, IPv6 and IP options take the general path.
     """
-    alist, llist = addrs.tolist(), lens.tolist()
+    alist, llist = _ints(addrs), _ints(lens)
     common = _COMMON.unpack_from
     if min(llist) >= _COMMON_MIN:  # the usual batch, in C-level passes
         ets, vihls, idx_t, ctr_t = zip(*map(common, repeat(mv), alist), strict=True)

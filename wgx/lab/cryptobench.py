@@ -82,8 +82,8 @@ class _Xsk:
     def fill(self, addrs: Any) -> None:
         pass
 
-    def tx_submit(self, addrs: np.ndarray, lens: np.ndarray) -> int:
-        self.done.extend(addrs.tolist())
+    def tx_submit(self, addrs: Any, lens: Any) -> int:
+        self.done.extend(map(int, addrs))
         self.sent += len(addrs)
         return len(addrs)
 
