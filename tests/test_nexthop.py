@@ -29,7 +29,10 @@ def test_first_lookup_now_later_ones_in_refresh(monkeypatch: Any) -> None:
     assert hops.header(ep, now=100.0 + CACHE_SECONDS / 2) is first and calls == [ep]
     # Stale: still answered from the cache, without a lookup, and noted.
     assert hops.header(ep, now=100.0 + CACHE_SECONDS) is first and calls == [ep]
-    assert hops.stale == {ep}
+    assert hops.stale == {ep: 100.0 + CACHE_SECONDS}
+    assert not hops.overdue(100.0 + CACHE_SECONDS * 1.5)
+    assert hops.header(ep, now=100.0 + CACHE_SECONDS * 1.5) is first  # first note kept
+    assert hops.overdue(100.0 + CACHE_SECONDS * 2)
     hops.refresh(now=101.5)
     assert calls == [ep, ep] and not hops.stale
     second = hops.header(ep, now=101.6)
@@ -42,7 +45,7 @@ def test_invalidate_forgets_templates_and_stale_marks(monkeypatch: Any) -> None:
     ep = ("10.0.0.2", 51820)
     hops.header(ep, now=0.0)
     hops.header(ep, now=5.0)
-    assert hops.stale == {ep}
+    assert hops.stale == {ep: 5.0}
     hops.invalidate()
     assert not hops.stale
     hops.refresh(now=5.0)

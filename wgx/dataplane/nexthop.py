@@ -5,9 +5,9 @@ for sending to `endpoint` out of the XDP interface, built from the kernel's
 route and neighbour tables through pyroute2 and cached for a second (a moved
 source address is picked up within it).  Only an endpoint's first lookup runs
 on the packet path: after that `header` answers from the cache and notes the
-stale entries, and the worker calls `refresh` once its batch is out (a lookup
-opens a netlink socket: 1-3.5 ms when its code is cold, which a ping hit once a
-second).
+stale entries, and the worker calls `refresh` when it has been idle for a few
+ms, or once an entry is `CACHE_SECONDS` overdue (a lookup opens a netlink
+socket: 1-3.5 ms when its code is cold, which a ping hit once a second).
 It returns None when the path does not leave through that interface, the
 neighbour is not resolved yet, or the endpoint is IPv6 (TX over AF_XDP is
 IPv4 only for now); the caller then sends through the kernel, which resolves
@@ -61,7 +61,7 @@ class NextHops:
         self.ifindex = socket.if_nametoindex(ifname)
         self.listen_port = listen_port
         self._cache: dict[tuple[str, int], tuple[float, Template | None]] = {}
-        self.stale: set[tuple[str, int]] = set()  # cached, older than CACHE_SECONDS
+        self.stale: dict[tuple[str, int], float] = {}  # cached too long -> when first noted
         with IPRoute() as ipr:
             msg = ipr.link("get", index=self.ifindex)[0]
         self._mac = bytes.fromhex(msg.get_attr("IFLA_ADDRESS").replace(":", ""))
@@ -74,11 +74,15 @@ class NextHops:
         hit = self._cache.get(endpoint)
         if hit is not None:
             if now - hit[0] >= CACHE_SECONDS:
-                self.stale.add(endpoint)
+                self.stale.setdefault(endpoint, now)
             return hit[1]
         tpl = self._resolve(endpoint)
         self._cache[endpoint] = (now, tpl)
         return tpl
+
+    def overdue(self, now: float) -> bool:
+        """Whether an entry has been stale for CACHE_SECONDS (refresh it even if busy)."""
+        return bool(self.stale) and now - min(self.stale.values()) >= CACHE_SECONDS
 
     def refresh(self, now: float | None = None) -> None:
         """Look up again the endpoints `header` found stale."""

@@ -65,6 +65,7 @@ RX_BATCH = 256
 TX_BATCH = 64
 TX_VNET_BYTES = 8 * 65536  # TSO reads per batch: eight 64 KB super-packets (~360 segments)
 REPORT_INTERVAL = 0.05
+NEXTHOP_IDLE = 0.005  # next-hop lookups wait for this much idle time (see nexthop.py)
 FRAME_SIZE = 2048
 FRAME_COUNT = 4096
 _NONCE0 = b"\x00\x00\x00\x00"
@@ -604,7 +605,11 @@ class Worker:
         self.report.send(("ready", self.spec.index))
         next_report = time.monotonic() + REPORT_INTERVAL
         while self.running:
-            ready = {fd for fd, _ in poll.poll(REPORT_INTERVAL * 1000)}
+            hops = self.nexthops
+            wait = NEXTHOP_IDLE if hops.stale else REPORT_INTERVAL
+            ready = {fd for fd, _ in poll.poll(wait * 1000)}
+            if hops.stale and not ready:
+                hops.refresh()  # idle: no reply is likely on its way to wait behind it
             # Commands first: a packet may arrive together with the keypair it needs.
             if cfd in ready:
                 while self.cmd.poll():
@@ -613,9 +618,9 @@ class Worker:
                 self.rx()
             if tfd in ready:
                 self.tx()
-            if self.nexthops.stale:  # after the batch: its packets are already out
-                self.nexthops.refresh()
             now = time.monotonic()
+            if hops.stale and hops.overdue(now):  # never idle: after the batch, then
+                hops.refresh(now)
             # Key confirmations and packets waiting for a handshake cannot wait.
             if now >= next_report or self._confirm or self._stage:
                 next_report = now + REPORT_INTERVAL
