@@ -376,3 +376,27 @@ def test_tx_batch_to_one_unknown_destination_is_counted(rig: Any) -> None:
     w.xsk.tx_submit = lambda a, ln: pytest.fail("nothing may be sent")
     w.tx()
     assert w.stats["drop_no_peer"] == 12
+
+
+def test_reports_only_what_changed(rig: Any) -> None:
+    """An idle worker sends no report (no daemon wakeup every 50 ms); traffic, a
+    keypair confirmation or a changed counter each make one."""
+    w, kp = rig
+    sent: list[tuple] = []
+    w.report = type("Pipe", (), {"send": staticmethod(sent.append)})()
+    w.flush_report()
+    assert len(sent) == 1  # the first report carries the counters
+    w.flush_report()
+    w.flush_report()
+    assert len(sent) == 1  # nothing changed: nothing sent
+    w.stats["rx_batches"] += 1
+    w.flush_report()
+    assert len(sent) == 2 and sent[-1][5]["rx_batches"] == w.stats["rx_batches"]
+    w._confirm.append(kp.local_index)
+    w.flush_report()
+    assert len(sent) == 3 and sent[-1][3] == [kp.local_index]
+    w.peers[1].rx_bytes += 100
+    w.flush_report()
+    assert len(sent) == 4 and sent[-1][2][1][0] == 100
+    w.flush_report()
+    assert len(sent) == 4

@@ -172,6 +172,7 @@ class Worker:
         self._rx_out: list[memoryview] = []
         self._views: dict[int, tuple[int, memoryview, memoryview]] = {}
         self._tx_views: dict[int, tuple[memoryview, memoryview]] = {}  # frame + plen
+        self._reported: dict[str, int] = {}  # the counters as last sent
         self._stage: list[bytes] = []
         self._confirm: list[int] = []
 
@@ -583,6 +584,9 @@ class Worker:
     # ----------------------------------------------------------------- report
 
     def flush_report(self) -> None:
+        """Send the control plane what changed since the last report: per-peer traffic
+        (timers, roaming), confirmed keypairs, packets waiting for a handshake, and the
+        counters.  Nothing to say, nothing sent: an idle worker does not wake the daemon."""
         peers = {}
         for pid, p in self.peers.items():
             if p.rx_bytes or p.tx_bytes or p.rx_keepalive:
@@ -593,7 +597,11 @@ class Worker:
         stage, self._stage = self._stage[:256], []
         self.stats["staged"] += len(stage)
         confirm, self._confirm = self._confirm, []
-        self.report.send(("report", self.spec.index, peers, confirm, stage, dict(self.stats)))
+        stats = dict(self.stats)
+        if not (peers or confirm or stage) and stats == self._reported:
+            return
+        self._reported = stats
+        self.report.send(("report", self.spec.index, peers, confirm, stage, stats))
 
     # ------------------------------------------------------------------- loop
 
