@@ -83,7 +83,7 @@ class _Xsk:
         pass
 
     def tx_submit(self, addrs: Any, lens: Any) -> int:
-        self.done.extend(map(int, addrs))
+        self.done.extend(addrs if type(addrs) is list else addrs.tolist())
         self.sent += len(addrs)
         return len(addrs)
 
