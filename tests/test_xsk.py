@@ -178,6 +178,27 @@ def test_tx_ring_wraps_and_scalar_len(seq: Any) -> None:
     tx.close()
 
 
+@pytest.mark.parametrize("n", [3, xsk.SMALL_BATCH, xsk.SMALL_BATCH + 5])
+def test_list_and_array_input_write_the_same_descriptors(n: int) -> None:
+    """`produce` takes lists of any length: small ones entry by entry, bigger ones
+    through numpy; the ring memory is the same as for arrays."""
+    addrs = [(i + 1) * 2048 + 7 for i in range(n)]
+    lens = [60 + i for i in range(n)]
+    rings = []
+    for seq in (np.array, list):
+        tbuf = _fake(16, xsk.DESC_DTYPE, 0xFFFFFFF9)
+        tx = xsk.TxRing(tbuf, 16, OFF, xsk.DESC_DTYPE, name="tx")
+        assert tx.produce(seq(addrs) if seq is list else np.array(addrs, np.uint64),
+                          seq(lens) if seq is list else np.array(lens, np.uint32)) == n
+        fbuf = _fake(16, xsk.ADDR_DTYPE, 0xFFFFFFF9)
+        fill = xsk.FillRing(fbuf, 16, OFF, xsk.ADDR_DTYPE, name="fill")
+        assert fill.produce(list(addrs) if seq is list else np.array(addrs, np.uint64)) == n
+        rings.append((bytes(tbuf), bytes(fbuf)))
+        tx.close()
+        fill.close()
+    assert rings[0] == rings[1]
+
+
 def test_bad_interface_and_sizes() -> None:
     with pytest.raises(OSError):
         xsk.XskSocket("wgx-no-such-if0", 0)

@@ -57,7 +57,7 @@ from . import netdev, offload
 from .nexthop import HEADER_LEN, NextHops
 from .sessions import SessionSlots
 from .tun import Tun, TunGone
-from .xsk import SMALL_BATCH, Umem, XskSocket
+from .xsk import Umem, XskSocket, as_list
 
 log = logging.getLogger("wgx.worker")
 
@@ -423,14 +423,9 @@ class Worker:
             peer.tx_bytes += self._seal_batch(peer, kp, first, plist, tpl, addrs_out, lens_out)
             peer.tx_data += len(plist)
         if addrs_out:
-            addrs: list[int] | np.ndarray = addrs_out
-            lens: list[int] | np.ndarray = lens_out
-            if len(addrs_out) > SMALL_BATCH:
-                addrs = np.array(addrs_out, dtype=np.uint64)
-                lens = np.array(lens_out, dtype=np.uint32)
-            sent = self.xsk.tx_submit(addrs, lens)
-            if sent < len(addrs):
-                self.umem.free(addrs[sent:])
+            sent = self.xsk.tx_submit(addrs_out, lens_out)
+            if sent < len(addrs_out):
+                self.umem.free(addrs_out[sent:])
             self.xsk.kick()
             self.stats["tx_kicks"] += 1
             self.stats["tx_packets"] += sent
@@ -477,10 +472,10 @@ class Worker:
         limit = min(FRAME_SIZE, self.link_mtu + 14) - HEADER_LEN
         frames: list[int] = []
         if tpl is not None:
-            frames = _ints(self.umem.alloc(len(plist)))
+            frames = as_list(self.umem.alloc(len(plist)))
             if len(frames) < len(plist):
                 self.reap()
-                frames += _ints(self.umem.alloc(len(plist) - len(frames)))
+                frames += as_list(self.umem.alloc(len(plist) - len(frames)))
         mv = self.umem._mv
         seal = kp.sender.encrypt_into
         nonce = _NONCE.pack
@@ -627,7 +622,7 @@ class Worker:
             if tfd in ready:
                 self.tx()
             now = time.monotonic()
-            if hops.stale and hops.overdue(now):  # never idle: after the batch, then
+            if hops.overdue(now):  # never idle: after the batch, then
                 hops.refresh(now)
             # Key confirmations and packets waiting for a handshake cannot wait.
             if now >= next_report or self._confirm or self._stage:
@@ -658,11 +653,6 @@ def _l3(mv: memoryview, a: int) -> tuple[int, int]:
     return et, a + 14
 
 
-def _ints(a: np.ndarray | list[int]) -> list[int]:
-    """The xsk layer hands small batches over as lists already (see xsk.SMALL_BATCH)."""
-    return a if type(a) is list else a.tolist()  # type: ignore[union-attr]
-
-
 def _parse_headers(mv: memoryview, addrs: np.ndarray | list[int],
                    lens: np.ndarray | list[int]) -> tuple[list, ...]:
     """Per-frame header parse: (ok, body offset, end, receiver index, counter) lists.
@@ -672,7 +662,7 @@ def _parse_headers(mv: memoryview, addrs: np.ndarray | list[int],
     The usual frame (Ethernet, IPv4 without options) takes one `struct` call; VLAN
     tags, IPv6 and IP options take the general path.
     """
-    alist, llist = _ints(addrs), _ints(lens)
+    alist, llist = as_list(addrs), as_list(lens)
     common = _COMMON.unpack_from
     if min(llist) >= _COMMON_MIN:  # the usual batch, in C-level passes
         ets, vihls, idx_t, ctr_t = zip(*map(common, repeat(mv), alist), strict=True)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from wgx.dataplane.xsk import as_list
 from wgx.lab.flood import ipv4_udp_packet
 
 SIZES = (64, 512, 1420)
@@ -83,7 +84,7 @@ class _Xsk:
         pass
 
     def tx_submit(self, addrs: Any, lens: Any) -> int:
-        self.done.extend(addrs if type(addrs) is list else addrs.tolist())
+        self.done.extend(as_list(addrs))
         self.sent += len(addrs)
         return len(addrs)
 
