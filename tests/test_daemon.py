@@ -16,6 +16,8 @@ import time
 import netlab
 import pytest
 
+from wgx.control.device import TUN_TXQUEUELEN
+
 pytestmark = pytest.mark.privileged
 
 WGX = [shutil.which("wgx-userspace") or "wgx-userspace"]
@@ -101,13 +103,13 @@ def test_log_level_and_version() -> None:
 
 
 def test_fresh_tun_defaults(lab: netlab.Lab) -> None:
-    """A TUN the daemon creates gets MTU 1420 (as wireguard-go) and a 1000-packet
+    """A TUN the daemon creates gets MTU 1420 (as wireguard-go) and a 2048-packet
     transmit queue (the tun driver's 500 overflows while a worker waits for a CPU)."""
     import json
 
     h = lab.a
     p = h.start_daemon(WGX, "wgx0")
     link = json.loads(h.ip("-j", "link", "show", "wgx0"))[0]
-    assert (link["mtu"], link["txqlen"]) == (1420, 1000)
+    assert (link["mtu"], link["txqlen"]) == (1420, TUN_TXQUEUELEN) == (1420, 2048)
     p.send_signal(signal.SIGTERM)
     assert wait_exit(p) == 0

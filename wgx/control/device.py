@@ -31,7 +31,11 @@ log = logging.getLogger("wgx.device")
 
 BATCH = 128
 TUN_DEFAULT_TXQUEUELEN = 500  # the tun driver's
-TUN_TXQUEUELEN = 1000  # like an Ethernet device's
+# The TUN queue is the only buffer in front of a worker, so it gets the depth that
+# wireguard-go keeps behind its 500-packet TUN queue (its staged, outbound and
+# encryption queues hold 128 + 1024 + 1024 packets): on 2 busy CPUs a worker can
+# wait 15-25 ms for its CPU, which is 1000-1900 packets at 75k packets/s.
+TUN_TXQUEUELEN = 2048
 VNET_BYTES = 8 * 65536  # bytes per wakeup when a read may be a 64 KB TSO super-packet
 HOUSEKEEPING_INTERVAL = 0.5
 
@@ -137,8 +141,8 @@ class Device:
             if tun.mtu() == 1500:  # fresh TUN: default like wireguard-go
                 tun.set_mtu(1420)
             if netdev.get_txqueuelen(tun.name) == TUN_DEFAULT_TXQUEUELEN:
-                # The queue in front of the workers: 500 packets is ~8 ms of full-size
-                # packets at 1 Gbit/s, shorter than a worker may wait for a CPU here.
+                # 500 packets is ~7 ms at 75k packets/s: shorter than a worker may
+                # wait for a CPU (see TUN_TXQUEUELEN).
                 netdev.set_txqueuelen(tun.name, TUN_TXQUEUELEN)
             udp = UdpSockets(0)
             uapi = UapiServer(tun.name, options.uapi_dir)
