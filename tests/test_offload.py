@@ -12,6 +12,7 @@ import ipaddress
 import random
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -1436,3 +1437,14 @@ def test_split_uniform_csum_batch_equals_general_path(data):
         offload._csum_uniform = plain
     assert fast == general
     assert fast_stats.as_dict() == general_stats.as_dict()
+    batch = split_gso_batch(bufs, 65535)
+    if isinstance(batch, offload.UniformBatch):  # handed over as rows: the same packets
+        at = 2 * data.draw(st.integers(0, 40))
+        width = at + batch.n + 2 * data.draw(st.integers(0, 8))
+        block = np.full((len(batch), width), 0xAB, np.uint8)
+        batch.fill(block, at)
+        assert [bytes(row[at : at + batch.n]) for row in block] == general
+        assert (block[:, :at] == 0xAB).all() and (block[:, at + batch.n :] == 0xAB).all()
+        head = batch.ipv4_destination()
+        assert (head is not None) == (not v6)
+        assert v6 or bytes(head[16:20]) == ipaddress.IPv4Address(B4).packed

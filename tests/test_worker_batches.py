@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from wgx.dataplane import offload
 from wgx.dataplane.worker import WKeypair, _parse_headers
 from wgx.lab import cryptobench as cb
+from wgx.lab import flood
 from wgx.protocol.messages import padded_len
 
 FRAME = cb.FRAME
@@ -273,6 +275,62 @@ def test_tx_equal_packets_take_the_numpy_fill_and_decrypt(rig: Any, size: int) -
         sent.clear()
         w.tx()
         _check_sent(w, kp, tx_key, sent, packets, first=20 * rnd)
+
+
+class _VnetTxTun(_TxTun):
+    vnet_hdr = True
+
+    def read_batch(self, n: int, max_bytes: int | None = None) -> list[bytes]:
+        return super().read_batch(n)
+
+
+def _offloaded_read(packet: bytes) -> bytes:
+    """`packet` (IPv4/UDP) as a TUN with checksum offload gives it: NEEDS_CSUM, and the
+    pseudo-header sum in the UDP checksum field."""
+    pseudo = packet[12:20] + struct.pack("!BBH", 0, 17, len(packet) - 20)
+    hdr = offload.pack_vnet_hdr(offload.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 20, 6)
+    return hdr + packet[:26] + struct.pack("!H", offload.ones_complement_sum(pseudo)) + packet[28:]
+
+
+@pytest.mark.parametrize("size", [1372, 600])
+def test_tx_one_udp_flow_gets_its_checksums_completed_in_the_frames(rig: Any, size: int) -> None:
+    """The usual batch with the TUN's checksum offload, one UDP flow: the checksums are
+    completed in the frames (`UniformBatch.fill`), and the frames decrypt to the packets
+    with valid checksums; twice, into frames full of stale bytes."""
+    w, kp = rig
+    tx_key = os.urandom(32)
+    kp.sender = ChaCha20Poly1305(tx_key)
+    w.umem.buf[:] = 0xAA
+    sent: list[tuple[int, int]] = []
+    w.xsk.tx_submit = lambda a, ln: sent.extend(zip(map(int, a), map(int, ln), strict=True)) \
+        or len(a)
+    for rnd in range(2):
+        packets = [flood.ipv4_udp_packet("10.99.0.1", 4000, "10.99.0.2", 5001,
+                                         bytes((i * 7 + k + rnd) % 256 for i in range(size - 28)))
+                   for k in range(20)]
+        reads = [_offloaded_read(p) for p in packets]
+        assert isinstance(offload.split_gso_batch(reads, MTU), offload.UniformBatch)
+        w.tun = _VnetTxTun(reads)
+        sent.clear()
+        w.tx()
+        _check_sent(w, kp, tx_key, sent, packets, first=20 * rnd)
+
+
+def test_tx_one_udp_flow_to_several_destinations_takes_the_general_path(rig: Any) -> None:
+    """A one-flow-shaped batch whose destinations differ is grouped per packet: those with
+    a peer are sent with complete checksums, the one without is counted."""
+    w, kp = rig
+    tx_key = os.urandom(32)
+    kp.sender = ChaCha20Poly1305(tx_key)
+    sent: list[tuple[int, int]] = []
+    w.xsk.tx_submit = lambda a, ln: sent.extend(zip(map(int, a), map(int, ln), strict=True)) \
+        or len(a)
+    packets = [flood.ipv4_udp_packet("10.99.0.1", 4000, "10.77.0.1" if k == 5 else "10.99.0.2",
+                                     5001, bytes([k]) * 900) for k in range(12)]
+    w.tun = _VnetTxTun([_offloaded_read(p) for p in packets])
+    w.tx()
+    assert w.stats["drop_no_peer"] == 1
+    _check_sent(w, kp, tx_key, sent, packets[:5] + packets[6:])
 
 
 def test_tun_read_batch_stops_at_count_or_bytes() -> None:

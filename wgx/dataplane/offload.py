@@ -369,11 +369,12 @@ def split_gso_batch(
     mtu: int,
     stats: OffloadStats | None = None,
     arena: Arena | None = None,
-) -> list[memoryview]:
+) -> list[memoryview] | UniformBatch:
     """Turn TUN reads (virtio-net header + packet each) into plain IP packets to encrypt.
 
     Returns memoryviews, in input order (the segments of a super-packet in
-    sequence order).  A packet that needs no work is a view into its input
+    sequence order); for the usual batch of one UDP flow, a `UniformBatch` that
+    reads as them.  A packet that needs no work is a view into its input
     buffer; everything else is a view into memory owned by this call (or into
     `arena`, see `Arena`).  Treat the views as read-only.
 
@@ -683,11 +684,67 @@ def _split_gso_np(job: tuple, arena: Arena | None = None) -> list[memoryview]:
     return out
 
 
-def _csum_uniform(bufs: Sequence[Buffer], arena: Arena | None) -> list[memoryview] | None:
-    """`split_gso_batch` for the usual batch of a UDP flow, or None for any other: equal
-    even-length reads with equal virtio-net headers, NEEDS_CSUM without GSO, the
-    checksum region big and at even offsets.  One join, the sums as one 2D numpy
-    reduction, no per-packet Python but the output views."""
+class UniformBatch(Sequence[memoryview]):
+    """What `split_gso_batch` returns for the usual batch of one UDP flow: equal
+    even-length reads with one virtio-net header, NEEDS_CSUM without GSO.
+
+    It reads as the list of finished packets, made on first use (one copy into
+    the arena, the checksums as one 2D numpy reduction; valid as long as views
+    from the arena are).  A caller that copies the packets anyway (into UMEM
+    frames) calls `fill` instead: the checksums are completed on its copy, and the
+    list, with its copy and its views, is never made.
+    """
+
+    def __init__(self, rows: np.ndarray, cstart: int, coff: int, arena: Arena | None) -> None:
+        self.rows = rows  # (k, VNET_HDR_LEN + n), read-only: the reads as they came
+        self.n = rows.shape[1] - VNET_HDR_LEN  # bytes per packet
+        self._cstart, self._coff = cstart, coff
+        self._arena = arena
+        self._packets: list[memoryview] | None = None
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.packets()[i]
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(self.packets())
+
+    def ipv4_destination(self) -> memoryview | None:
+        """The first packet (its checksum not completed: for lookups by header) if
+        every packet is IPv4 to its destination address, else None."""
+        h = self.rows[:, VNET_HDR_LEN : VNET_HDR_LEN + 20]
+        if h[0, 0] >> 4 != 4 or not (h[:, 16:] == h[0, 16:]).all() or (h[:, 0] >> 4 != 4).any():
+            return None
+        return memoryview(h[0])
+
+    def fill(self, out: np.ndarray, at: int) -> None:
+        """Write the finished packets into `out[:, at : at + n]`: `out` is a C-contiguous
+        uint8 array of len(self) rows of even length, `at` is even."""
+        n, cstart = self.n, self._cstart
+        out[:, at : at + n] = self.rows[:, VNET_HDR_LEN:]
+        words = out.view(np.uint16)
+        sums = words[:, (at + cstart) >> 1 : (at + n) >> 1].sum(axis=1, dtype=np.uint32)
+        # Little-endian sums, hence x256; the kernel's partial sum in the field is summed in.
+        sums %= _M
+        sums *= 256
+        sums %= _M
+        out.view(">u2")[:, (at + cstart + self._coff) >> 1] = _M - sums
+
+    def packets(self) -> list[memoryview]:
+        if self._packets is None:
+            k, n = len(self), self.n
+            flat, mv = _alloc(self._arena, k * n)
+            self.fill(flat.reshape(k, n), 0)
+            self._packets = list(map(mv.__getitem__, map(slice, range(0, k * n, n),
+                                                        range(n, k * n + 1, n))))
+        return self._packets
+
+
+def _csum_uniform(bufs: Sequence[Buffer], arena: Arena | None) -> UniformBatch | None:
+    """`split_gso_batch` for the usual batch of a UDP flow (see `UniformBatch`), or None
+    for any other: the checksum region big and at even offsets.  No per-packet Python."""
     k = len(bufs)
     size = len(bufs[0])
     if (size & 1 or size < VNET_HDR_LEN or list(map(len, bufs)).count(size) != k
@@ -701,15 +758,8 @@ def _csum_uniform(bufs: Sequence[Buffer], arena: Arena | None) -> list[memoryvie
     if (not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM or gso_type != VIRTIO_NET_HDR_GSO_NONE
             or (cstart | coff) & 1 or cstart + coff + 2 > n or n - cstart <= _SCALAR_JOB_BYTES):
         return None
-    flat, mv = _alloc(arena, k * size)
-    flat[:] = np.frombuffer(b"".join(bufs), np.uint8)
-    rows = flat.view(np.uint16).reshape(k, size >> 1)
-    sums = rows[:, (VNET_HDR_LEN + cstart) >> 1 :].sum(axis=1, dtype=np.uint32)
-    # Little-endian sums, hence x256; the kernel's partial sum in the field is summed in.
-    flat.view(">u2").reshape(k, size >> 1)[:, (VNET_HDR_LEN + cstart + coff) >> 1] = (
-        _M - sums % _M * 256 % _M)
-    return list(map(mv.__getitem__, map(slice, range(VNET_HDR_LEN, k * size, size),
-                                        range(size, k * size + 1, size))))
+    return UniformBatch(np.frombuffer(b"".join(bufs), np.uint8).reshape(k, size), cstart, coff,
+                        arena)
 
 
 def _csum_vector(jobs: list[tuple[int, memoryview, int, int]], arena: Arena | None) -> list:

@@ -172,6 +172,7 @@ class Worker:
         self._rx_out: list[memoryview] = []
         self._views: dict[int, tuple[int, memoryview, memoryview]] = {}
         self._tx_views: dict[int, tuple[memoryview, memoryview]] = {}  # frame + plen
+        self._tx_block = np.zeros((TX_BATCH, FRAME_SIZE), np.uint8)  # `_fill_frames` rows
         self._reported: dict[str, int] = {}  # the counters as last sent
         self._stage: list[bytes] = []
         self._confirm: list[int] = []
@@ -399,7 +400,7 @@ class Worker:
     def tx(self) -> None:
         if self.tun.vnet_hdr:
             raw = self.tun.read_batch(TX_BATCH, TX_VNET_BYTES)
-            packets: list[Any] = offload.split_gso_batch(raw, self.spec.mtu, arena=self._arena)
+            packets: Any = offload.split_gso_batch(raw, self.spec.mtu, arena=self._arena)
         else:
             packets = self.tun.read_batch(TX_BATCH)
         if not packets:
@@ -436,6 +437,14 @@ class Worker:
         in order (looked up once per destination); those with none are counted and dropped.
         The usual batch, IPv4 packets to one address, takes C-level passes."""
         lookup = self.allowed.lookup_packet_dst
+        if isinstance(packets, offload.UniformBatch):  # without making its packet list
+            head = packets.ipv4_destination()
+            if head is not None:
+                peer_id = lookup(head)
+                if peer_id is not None:
+                    return {peer_id: packets}
+                self.stats["drop_no_peer"] += len(packets)
+                return {}
         if min(map(len, packets)) >= 20:
             heads = set(map(_V4_DST.unpack_from, packets))  # (version/IHL, destination)
             if len(heads) == 1 and next(iter(heads))[0] >> 4 == 4:
@@ -492,8 +501,10 @@ class Worker:
         views = self._tx_views  # (plaintext, sealed) per frame start + padded length
         if len(views) > VIEW_CACHE_MAX:
             views.clear()
-        n = len(plist[0])
-        if nframes == len(plist) >= SEAL_VECTOR_MIN and list(map(len, plist)).count(n) == nframes:
+        uniform = isinstance(plist, offload.UniformBatch)
+        n = plist.n if uniform else len(plist[0])
+        if nframes == len(plist) >= SEAL_VECTOR_MIN and (
+                uniform or list(map(len, plist)).count(n) == nframes):
             # The usual batch, equal packets: headers, counters, bodies and padding go
             # into the frames in a few numpy calls; then one C-level pass of AEAD calls.
             plen = (n + 15) & ~15
@@ -551,17 +562,26 @@ class Worker:
                      n: int, plen: int) -> None:
         """Lay out equal packets of `n` bytes for sealing: in each frame the link and
         WireGuard header `prefix`, counters first, first+1, ..., the packet, and zero
-        padding to `plen`."""
+        padding to `plen`.  The rows are put together in a scratch block and go into
+        the frames in one numpy call."""
         k = len(plist)
-        rows = np.array(frames, np.intp) // FRAME_SIZE
-        u = self.umem.buf.reshape(-1, FRAME_SIZE)  # type: ignore[union-attr]
         counter_at, body_at = HEADER_LEN + 8, HEADER_LEN + 16
-        u[rows, :counter_at] = np.frombuffer(prefix, np.uint8)
-        u[rows, counter_at:body_at] = np.arange(first, first + k, dtype="<u8").view(
+        if len(self._tx_block) < k:
+            self._tx_block = np.zeros((k, FRAME_SIZE), np.uint8)
+        block = self._tx_block[:k]
+        block[:, :counter_at] = np.frombuffer(prefix, np.uint8)
+        block[:, counter_at:body_at] = np.arange(first, first + k, dtype="<u8").view(
             np.uint8).reshape(k, 8)
-        u[rows, body_at : body_at + n] = np.frombuffer(b"".join(plist), np.uint8).reshape(k, n)
+        if isinstance(plist, offload.UniformBatch):
+            plist.fill(block, body_at)  # its checksums are completed here
+        else:
+            block[:, body_at : body_at + n] = np.frombuffer(b"".join(plist), np.uint8).reshape(
+                k, n)
         if plen > n:
-            u[rows, body_at + n : body_at + plen] = 0
+            block[:, body_at + n : body_at + plen] = 0
+        rows = np.array(frames, np.intp) // FRAME_SIZE
+        self.umem.buf.reshape(-1, FRAME_SIZE)[rows, : body_at + plen] = (  # type: ignore[union-attr]
+            block[:, : body_at + plen])
 
     def _send_raw(self, endpoint: tuple[str, int], message: bytes) -> None:
         """Send through the kernel: UDP header by hand, IP header and fragments by the kernel."""
