@@ -218,19 +218,25 @@ def _ip_checksum_ok(header: bytes) -> bool:
     return s == 0xFFFF
 
 
-def test_tx_batch_frames_decrypt_to_the_padded_packets(rig: Any) -> None:
-    w, kp = rig
+def _capture_tx(w: Any, kp: Any) -> tuple[bytes, list[tuple[int, int]]]:
+    """A fresh sending key for `kp`, and the list the worker's TX submissions go to."""
     tx_key = os.urandom(32)
     kp.sender = ChaCha20Poly1305(tx_key)
+    sent: list[tuple[int, int]] = []
+    w.xsk.tx_submit = lambda a, ln: sent.extend(zip(map(int, a), map(int, ln), strict=True)) \
+        or len(a)
+    return tx_key, sent
+
+
+def test_tx_batch_frames_decrypt_to_the_padded_packets(rig: Any) -> None:
+    w, kp = rig
+    tx_key, sent = _capture_tx(w, kp)
     sizes = [1420, 100, 101, 1419, 60, 28]
     packets = [_inner(src="10.99.0.1", size=s)[:16] + socket.inet_aton("10.99.0.2")
                + _inner(size=s)[20:] for s in sizes]
     packets.append(_inner(src="10.99.0.1", size=80)[:16] + socket.inet_aton("10.77.0.1")
                    + bytes(60))  # no peer for 10.77.0.1
     w.tun = _TxTun(packets)
-    sent: list[tuple[int, int]] = []
-    w.xsk.tx_submit = lambda a, ln: sent.extend(zip(map(int, a), map(int, ln), strict=True)) \
-        or len(a)
     w.tx()
     assert w.stats["drop_no_peer"] == 1
     _check_sent(w, kp, tx_key, sent, packets[:-1])
@@ -262,12 +268,8 @@ def test_tx_equal_packets_take_the_numpy_fill_and_decrypt(rig: Any, size: int) -
     """A batch of equal packets (the numpy frame fill) into frames full of stale bytes,
     twice, so counters continue and padding is rewritten."""
     w, kp = rig
-    tx_key = os.urandom(32)
-    kp.sender = ChaCha20Poly1305(tx_key)
     w.umem.buf[:] = 0xAA
-    sent: list[tuple[int, int]] = []
-    w.xsk.tx_submit = lambda a, ln: sent.extend(zip(map(int, a), map(int, ln), strict=True)) \
-        or len(a)
+    tx_key, sent = _capture_tx(w, kp)
     for rnd in range(2):
         packets = [_inner(src="10.99.0.1", size=size)[:16] + socket.inet_aton("10.99.0.2")
                    + bytes((i + rnd) % 256 for i in range(size - 20)) for _ in range(20)]
@@ -298,12 +300,8 @@ def test_tx_one_udp_flow_gets_its_checksums_completed_in_the_frames(rig: Any, si
     completed in the frames (`UniformBatch.fill`), and the frames decrypt to the packets
     with valid checksums; twice, into frames full of stale bytes."""
     w, kp = rig
-    tx_key = os.urandom(32)
-    kp.sender = ChaCha20Poly1305(tx_key)
     w.umem.buf[:] = 0xAA
-    sent: list[tuple[int, int]] = []
-    w.xsk.tx_submit = lambda a, ln: sent.extend(zip(map(int, a), map(int, ln), strict=True)) \
-        or len(a)
+    tx_key, sent = _capture_tx(w, kp)
     for rnd in range(2):
         packets = [flood.ipv4_udp_packet("10.99.0.1", 4000, "10.99.0.2", 5001,
                                          bytes((i * 7 + k + rnd) % 256 for i in range(size - 28)))
@@ -320,11 +318,7 @@ def test_tx_one_udp_flow_to_several_destinations_takes_the_general_path(rig: Any
     """A one-flow-shaped batch whose destinations differ is grouped per packet: those with
     a peer are sent with complete checksums, the one without is counted."""
     w, kp = rig
-    tx_key = os.urandom(32)
-    kp.sender = ChaCha20Poly1305(tx_key)
-    sent: list[tuple[int, int]] = []
-    w.xsk.tx_submit = lambda a, ln: sent.extend(zip(map(int, a), map(int, ln), strict=True)) \
-        or len(a)
+    tx_key, sent = _capture_tx(w, kp)
     packets = [flood.ipv4_udp_packet("10.99.0.1", 4000, "10.77.0.1" if k == 5 else "10.99.0.2",
                                      5001, bytes([k]) * 900) for k in range(12)]
     w.tun = _VnetTxTun([_offloaded_read(p) for p in packets])
