@@ -713,9 +713,9 @@ class UniformBatch(Sequence[memoryview]):
 
     def ipv4_destination(self) -> memoryview | None:
         """The first packet (its checksum not completed: for lookups by header) if
-        every packet is IPv4 to its destination address, else None."""
+        every packet is IPv4 to one destination address, else None."""
         h = self.rows[:, VNET_HDR_LEN : VNET_HDR_LEN + 20]
-        if h[0, 0] >> 4 != 4 or not (h[:, 16:] == h[0, 16:]).all() or (h[:, 0] >> 4 != 4).any():
+        if (h[:, 0] >> 4 != 4).any() or not (h[:, 16:] == h[0, 16:]).all():
             return None
         return memoryview(h[0])
 
