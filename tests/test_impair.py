@@ -278,12 +278,19 @@ def settled(name: str) -> tuple[dict, dict[str, dict[str, int]]]:
     """Stage and daemon counters once the stage holds nothing and has written its stats
     (every 0.5 s) and the workers have reported (every 50 ms). Background frames (ND,
     keepalives) may still trickle: the checks below allow a few."""
+    imp = stage_settled(name)
+    return imp["counters"], {h: wgx_counters(name, h) for h in ("alpha", "beta")}
+
+
+def stage_settled(name: str) -> dict:
+    """The stage's status once it holds nothing and has just written its stats (every
+    0.5 s): a copy counted as delayed then has been sent too."""
     deadline = time.monotonic() + 20
     while True:
         time.sleep(1.2)
         imp = status(name)["impair"]
         if imp["queued"] == 0 and imp["updated"] > time.time() - 0.6:
-            return imp["counters"], {h: wgx_counters(name, h) for h in ("alpha", "beta")}
+            return imp
         assert time.monotonic() < deadline, f"the stage still holds packets: {imp}"
 
 
@@ -392,7 +399,7 @@ def test_three_hosts_through_the_impairing_switch(lab_name: str) -> None:
     crosses it four times (5 ms each), and only the ports of the hosts involved see it."""
     wgx("lab", "up", "--name", lab_name, "--hosts", "3", "--topology", "hub", "--dataplane",
         "socket", "--queues", "1", "--impair", "delay=5ms")
-    before = status(lab_name)["impair"]
+    before = stage_settled(lab_name)  # not while a background frame (ND) is held
     assert before["running"] and set(before["counters"]) == {"alpha", "beta", "gamma"}
     assert re.fullmatch(r"delay=5ms,seed=\d+", before["settings"])
     ping = subprocess.run(lab_argv(lab_name, "beta", "ping", "-n", "-q", "-c", "10", "-i",
@@ -401,8 +408,7 @@ def test_three_hosts_through_the_impairing_switch(lab_name: str) -> None:
     assert " 0% packet loss" in ping, ping
     rtt_min = float(re.search(r"= ([\d.]+)/", ping)[1])
     assert 20.0 <= rtt_min < 30.0, ping
-    time.sleep(1.2)  # the stage writes its counters every 0.5 s
-    after = status(lab_name)["impair"]["counters"]
+    after = stage_settled(lab_name)["counters"]
     d = {h: delta(after[h], before["counters"][h]) for h in after}
     assert d["beta"]["rx"] >= 10 and d["alpha"]["rx"] >= 20 and d["gamma"]["rx"] >= 10, d
     for h in d:
