@@ -176,7 +176,7 @@ class Worker:
         self._rx_out: list[memoryview] = []
         self._views: dict[int, tuple[int, memoryview, memoryview]] = {}
         self._tx_views: dict[int, tuple[memoryview, memoryview]] = {}  # frame + plen
-        self._tx_block = np.zeros((TX_BATCH, FRAME_SIZE), np.uint8)  # `_fill_frames` rows
+        self._tx_bodies = np.empty(TX_BATCH * FRAME_SIZE, np.uint8)  # `_fill_frames` scratch
         self._reported: dict[str, int] = {}  # the counters as last sent
         self._stage: list[bytes] = []
         self._confirm: list[int] = []
@@ -566,26 +566,24 @@ class Worker:
                      n: int, plen: int) -> None:
         """Lay out equal packets of `n` bytes for sealing: in each frame the link and
         WireGuard header `prefix`, counters first, first+1, ..., the packet, and zero
-        padding to `plen`.  The rows are put together in a scratch block and go into
-        the frames in one numpy call."""
+        padding to `plen`."""
         k = len(plist)
-        counter_at, body_at = HEADER_LEN + 8, HEADER_LEN + 16
-        if len(self._tx_block) < k:
-            self._tx_block = np.zeros((k, FRAME_SIZE), np.uint8)
-        block = self._tx_block[:k]
-        block[:, :counter_at] = np.frombuffer(prefix, np.uint8)
-        block[:, counter_at:body_at] = np.arange(first, first + k, dtype="<u8").view(
-            np.uint8).reshape(k, 8)
-        if isinstance(plist, offload.UniformBatch):
-            plist.fill(block, body_at)  # its checksums are completed here
-        else:
-            block[:, body_at : body_at + n] = np.frombuffer(b"".join(plist), np.uint8).reshape(
-                k, n)
-        if plen > n:
-            block[:, body_at + n : body_at + plen] = 0
         rows = np.array(frames, np.intp) // FRAME_SIZE
-        self.umem.buf.reshape(-1, FRAME_SIZE)[rows, : body_at + plen] = (  # type: ignore[union-attr]
-            block[:, : body_at + plen])
+        u = self.umem.buf.reshape(-1, FRAME_SIZE)  # type: ignore[union-attr]
+        counter_at, body_at = HEADER_LEN + 8, HEADER_LEN + 16
+        u[rows, :counter_at] = np.frombuffer(prefix, np.uint8)
+        u[rows, counter_at:body_at] = np.arange(first, first + k, dtype="<u8").view(
+            np.uint8).reshape(k, 8)
+        if isinstance(plist, offload.UniformBatch):  # its checksums are completed on the way
+            if len(self._tx_bodies) < k * n:
+                self._tx_bodies = np.empty(k * n, np.uint8)
+            bodies = self._tx_bodies[: k * n].reshape(k, n)
+            plist.fill(bodies, 0)
+        else:
+            bodies = np.frombuffer(b"".join(plist), np.uint8).reshape(k, n)
+        u[rows, body_at : body_at + n] = bodies
+        if plen > n:
+            u[rows, body_at + n : body_at + plen] = 0
 
     def _send_raw(self, endpoint: tuple[str, int], message: bytes) -> None:
         """Send through the kernel: UDP header by hand, IP header and fragments by the kernel."""
