@@ -103,13 +103,18 @@ def test_log_level_and_version() -> None:
 
 
 def test_fresh_tun_defaults(lab: netlab.Lab) -> None:
-    """A TUN the daemon creates gets MTU 1420 (as wireguard-go) and a 2048-packet
-    transmit queue (the tun driver's 500 overflows while a worker waits for a CPU)."""
+    """A TUN the daemon creates gets MTU 1420 (as wireguard-go), a 2048-packet
+    transmit queue (the tun driver's 500 overflows while a worker waits for a CPU)
+    and, like kernel WireGuard's devices, no IPv6 link-local address once up."""
     import json
 
     h = lab.a
     p = h.start_daemon(WGX, "wgx0")
-    link = json.loads(h.ip("-j", "link", "show", "wgx0"))[0]
+    link = json.loads(h.ip("-d", "-j", "link", "show", "wgx0"))[0]
     assert (link["mtu"], link["txqlen"]) == (1420, TUN_TXQUEUELEN) == (1420, 2048)
+    assert link["inet6_addr_gen_mode"] == "none"
+    h.ip("link", "set", "wgx0", "up")
+    addrs = json.loads(h.ip("-6", "-j", "addr", "show", "dev", "wgx0"))
+    assert [a for i in addrs for a in i.get("addr_info", [])] == []
     p.send_signal(signal.SIGTERM)
     assert wait_exit(p) == 0

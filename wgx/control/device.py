@@ -144,6 +144,10 @@ class Device:
                 # 500 packets is ~7 ms at 75k packets/s: shorter than a worker may
                 # wait for a CPU (see TUN_TXQUEUELEN).
                 netdev.set_txqueuelen(tun.name, TUN_TXQUEUELEN)
+            if not netdev.is_up(tun.name):
+                # Like kernel WireGuard: no link-local address, so the kernel sends no
+                # router solicitations into the tunnel, where they match no peer.
+                netdev.no_ipv6_link_local(tun.name)
             udp = UdpSockets(0)
             uapi = UapiServer(tun.name, options.uapi_dir)
         except BaseException:
