@@ -25,6 +25,7 @@ from wgx.protocol.engine import Engine
 from wgx.protocol.timers import Limits
 
 from .fastpath import FastPath, FastPathError, Loader, underlay_for
+from .netconf import NetConf, NetConfError
 from .uapi import SOCKET_DIR, UapiServer
 
 log = logging.getLogger("wgx.device")
@@ -145,9 +146,7 @@ class Device:
                 # wait for a CPU (see TUN_TXQUEUELEN).
                 netdev.set_txqueuelen(tun.name, TUN_TXQUEUELEN)
             if not netdev.is_up(tun.name):
-                # Like kernel WireGuard: no link-local address, so the kernel sends no
-                # router solicitations into the tunnel, where they match no peer.
-                netdev.no_ipv6_link_local(tun.name)
+                _no_link_local(tun.name)
             udp = UdpSockets(0)
             uapi = UapiServer(tun.name, options.uapi_dir)
         except BaseException:
@@ -416,6 +415,17 @@ class Device:
         self.tun.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def _no_link_local(name: str) -> None:
+    """No IPv6 link-local address on our TUN, as kernel WireGuard's wg_open does: the
+    kernel would send router solicitations from it into the tunnel, where they match
+    no peer. Best effort: without IPv6 in this namespace there is nothing to stop."""
+    try:
+        with NetConf() as nc:
+            nc.no_ipv6_link_local(name)
+    except NetConfError as e:
+        log.info("interface %s: IPv6 address generation left as is: %s", name, e)
 
 
 def _short(public_key: bytes) -> str:

@@ -19,6 +19,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 FIB_RULE_INVERT = 0x2
 AF_INET, AF_INET6 = 2, 10
+IN6_ADDR_GEN_MODE_NONE = 1
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -86,6 +87,15 @@ class NetConf:
             kw["state"] = "up" if up else "down"
         if kw:
             self._do(f"set {name} {kw}", self.ipr.link, "set", index=idx, **kw)
+
+    def no_ipv6_link_local(self, name: str) -> None:
+        """Have the kernel generate no IPv6 link-local address for `name` when it
+        comes up (addrgenmode none), as kernel WireGuard does for its devices."""
+        idx = self.require_index(name)
+        spec = {"attrs": [("AF_INET6", {"attrs": [
+            ("IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE)]})]}
+        self._do(f"set addrgenmode none on {name}", self.ipr.link, "set", index=idx,
+                 IFLA_AF_SPEC=spec)
 
     def delete_link(self, name: str) -> bool:
         idx = self.link_index(name)

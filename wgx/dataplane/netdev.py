@@ -11,7 +11,6 @@ import ctypes
 import fcntl
 import socket
 import struct
-from pathlib import Path
 
 SIOCGIFFLAGS = 0x8913
 SIOCGIFMTU = 0x8921
@@ -21,7 +20,6 @@ SIOCGIFTXQLEN = 0x8942
 SIOCSIFTXQLEN = 0x8943
 ETHTOOL_GCHANNELS = 0x3C
 IFF_UP = 0x1
-IN6_ADDR_GEN_MODE_NONE = 1
 
 
 def _ifreq(name: str, payload: bytes) -> bytes:
@@ -55,20 +53,6 @@ def is_up(name: str) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         res = fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq(name, b""))
     return bool(struct.unpack_from("H", res, 16)[0] & IFF_UP)
-
-
-def no_ipv6_link_local(name: str) -> bool:
-    """Have the kernel generate no IPv6 link-local address for `name` when it comes
-    up (addr_gen_mode none), as kernel WireGuard does in wg_open; False if this
-    namespace has no IPv6 on it.
-
-    /proc/sys/net, unlike /sys, answers for the namespace we are in."""
-    try:
-        Path("/proc/sys/net/ipv6/conf", name, "addr_gen_mode").write_text(
-            str(IN6_ADDR_GEN_MODE_NONE))
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def set_txqueuelen(name: str, qlen: int) -> None:
