@@ -145,8 +145,7 @@ class Device:
                 # 500 packets is ~7 ms at 75k packets/s: shorter than a worker may
                 # wait for a CPU (see TUN_TXQUEUELEN).
                 netdev.set_txqueuelen(tun.name, TUN_TXQUEUELEN)
-            if not netdev.is_up(tun.name):
-                _no_link_local(tun.name)
+            _no_link_local(tun.name)
             udp = UdpSockets(0)
             uapi = UapiServer(tun.name, options.uapi_dir)
         except BaseException:
@@ -420,10 +419,12 @@ class Device:
 def _no_link_local(name: str) -> None:
     """No IPv6 link-local address on our TUN, as kernel WireGuard's wg_open does: the
     kernel would send router solicitations from it into the tunnel, where they match
-    no peer. Best effort: without IPv6 in this namespace there is nothing to stop."""
+    no peer. Only while it is down: an interface someone brought up keeps its
+    addresses. Best effort: without IPv6 in this namespace there is nothing to stop."""
     try:
         with NetConf() as nc:
-            nc.no_ipv6_link_local(name)
+            if not nc.link_info(name)["up"]:
+                nc.no_ipv6_link_local(name)
     except NetConfError as e:
         log.info("interface %s: IPv6 address generation left as is: %s", name, e)
 

@@ -12,14 +12,12 @@ import fcntl
 import socket
 import struct
 
-SIOCGIFFLAGS = 0x8913
 SIOCGIFMTU = 0x8921
 SIOCSIFMTU = 0x8922
 SIOCETHTOOL = 0x8946
 SIOCGIFTXQLEN = 0x8942
 SIOCSIFTXQLEN = 0x8943
 ETHTOOL_GCHANNELS = 0x3C
-IFF_UP = 0x1
 
 
 def _ifreq(name: str, payload: bytes) -> bytes:
@@ -46,13 +44,6 @@ def get_txqueuelen(name: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         res = fcntl.ioctl(s, SIOCGIFTXQLEN, _ifreq(name, b""))
     return struct.unpack_from("i", res, 16)[0]
-
-
-def is_up(name: str) -> bool:
-    """Whether `name` is administratively up."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        res = fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq(name, b""))
-    return bool(struct.unpack_from("H", res, 16)[0] & IFF_UP)
 
 
 def set_txqueuelen(name: str, qlen: int) -> None:
