@@ -7,17 +7,18 @@ RX: a batch of up to 256 frames from the RX ring. Each frame's headers are read
 with one `struct` call in the common layout (Ethernet, IPv4, UDP, WireGuard),
 which measures cheaper here than a numpy parse of the batch. Frames are grouped
 by receiver index (one group for the usual batch), and per group: one keypair
-lookup and expiry check, `decrypt_into` in place straight from the UMEM frame
-(the only per-packet Python left is this loop), the counters checked and marked
+lookup and expiry check, `decrypt_into` straight from the UMEM frame into the
+batch's arena (the only per-packet Python left is this loop; input and output never
+share memory), the counters checked and marked
 in the shared replay window in one lock round trip (`ReplayWindow.check_many`,
 which takes an in-order run in one pass), and the allowed-IPs source check
-once per source address. Packets are written to the TUN queue and the frames
-go back to the fill ring in one step.
+once per source address. The frames go back to the fill ring in one step, then
+the packets are written from the arena to the TUN queue.
 
 TX: a batch read from the TUN queue; the peer per packet by allowed IPs; one
-counter range per peer and batch from the shared slot; the packet is padded
-and `encrypt_into` seals it in place in a UMEM frame behind a cached
-Ethernet/IPv4/UDP header; the batch goes onto the TX ring with one kick and
+counter range per peer and batch from the shared slot; `encrypt_into` seals
+each packet from the TUN read (or a padded staging row) into a UMEM frame behind
+a cached Ethernet/IPv4/UDP header; the batch goes onto the TX ring with one kick and
 completions are reaped. Packets the AF_XDP path cannot send (IPv6 endpoint,
 unresolved neighbour, larger than the link MTU) go through a raw UDP socket,
 so the kernel resolves, fragments and checksums them.
@@ -44,7 +45,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from multiprocessing.connection import Connection
-from operator import add, itemgetter, sub
+from operator import add, and_, itemgetter, mul, sub
 from typing import Any
 
 import numpy as np
@@ -80,7 +81,6 @@ _IDX_CTR = struct.Struct("<IQ")
 _WG_HEAD = struct.Struct("<II")  # message type, receiver index
 _COUNTER = struct.Struct("<Q")
 _V4_DST = struct.Struct("!B15x4s")  # version/IHL, destination address
-_PLAIN_TX, _SEALED_TX = itemgetter(0), itemgetter(1)  # of a TX view pair
 SEAL_VECTOR_MIN = 8  # equal packets for the numpy frame fill (its fixed cost ~10 us)
 _INNER4 = struct.Struct("!BxH8x4s")  # IPv4 version/IHL, total length, source address
 _INNER6 = struct.Struct("!4xH2x16s")  # IPv6 payload length, source address
@@ -97,7 +97,8 @@ IPV6_CHECKSUM = 7
 # cost about a tenth of a 1420 B packet's decryption. Bounded by clearing.
 VIEW_CACHE_MAX = 4096
 _START = itemgetter(0)
-_PLAIN = itemgetter(2)
+_VIEW = itemgetter(1)
+_SLOT_BASE = range(0, RX_BATCH * FRAME_SIZE, FRAME_SIZE)  # each batch member's arena slot
 PR_SET_PDEATHSIG = 1
 
 
@@ -174,9 +175,14 @@ class Worker:
             "drop_allowedips_source", "drop_bad_inner", "drop_no_peer", "drop_malformed",
             "staged", "rx_out_of_order"), 0)
         self._rx_out: list[memoryview] = []
-        self._views: dict[int, tuple[int, memoryview, memoryview]] = {}
-        self._tx_views: dict[int, tuple[memoryview, memoryview]] = {}  # frame + plen
-        self._tx_bodies = np.empty(TX_BATCH * FRAME_SIZE, np.uint8)  # `_fill_frames` scratch
+        self._views: dict[int, tuple[int, memoryview]] = {}  # UMEM bodies, by end
+        # RX plaintext: one frame-sized slot per batch member (see `_arena_views`).
+        self._amv = memoryview(bytearray(RX_BATCH * FRAME_SIZE))
+        self._plain_views: dict[int, tuple[int, memoryview]] = {}
+        self._tx_views: dict[int, memoryview] = {}  # sealed messages, by frame + plen
+        self._tx_bodies = np.empty(TX_BATCH * FRAME_SIZE, np.uint8)  # `_fill_frames` staging
+        self._tx_rows: dict[int, list[memoryview]] = {}  # its rows, by stride and length
+        self._tx_pad = memoryview(bytearray(FRAME_SIZE))  # one packet's padded staging
         self._reported: dict[str, int] = {}  # the counters as last sent
         self._stage: list[bytes] = []
         self._confirm: list[int] = []
@@ -229,10 +235,11 @@ class Worker:
         oks, bodies, ends, idxs, ctrs = _parse_headers(self.umem._mv, addrs, lens)
         for index, members in self._by_index(oks, idxs):
             self._rx_keypair(index, members, bodies, ends, ctrs, addrs)
-        if self._rx_out:
-            self._write_tun()  # before the frames go back to the kernel
+        # The plaintext is in the arena: the frames can go back to the kernel first.
         self.xsk.rx_release(n)
         self.xsk.fill(addrs)
+        if self._rx_out:
+            self._write_tun()
 
     def _by_index(self, oks: list[bool], idxs: list[int]) -> Iterable[tuple[int, Sequence[int]]]:
         """The batch's well-formed frames grouped by receiver index, in arrival order."""
@@ -287,14 +294,17 @@ class Worker:
                 rows = _without(seen, rows)
                 if not rows[0]:
                     return
-        views = self._rx_views(mv, rows[1], rows[2])
+        bodies_v = self._rx_views(mv, rows[1], rows[2])
+        plains = self._arena_views(rows[0], rows[1], rows[2])
         bad: list[int] = []
-        for (s, body, plain), nonce_b in zip(views, map(nonce, rows[3]), strict=True):
+        for (s, body), (_, plain), nonce_b in zip(bodies_v, plains, map(nonce, rows[3]),
+                                                  strict=True):
             try:
                 decrypt(nonce_b, body, None, plain)
             except InvalidTag:
                 bad.append(s)
-        rows.append(list(map(_PLAIN, views)))
+        rows.append(list(map(_VIEW, plains)))
+        rows.append(list(map(_START, plains)))
         if bad:
             stats["drop_bad_tag"] += len(bad)
             gone = set(bad)
@@ -312,15 +322,16 @@ class Worker:
         if fresh < len(verdicts):
             stats["drop_replay"] += len(verdicts) - fresh
             rows = _without([k for k, ok in enumerate(verdicts) if not ok], rows)
-        members, starts, stops = rows[0], rows[1], rows[2]
+        members, starts, stops, astarts = rows[0], rows[1], rows[2], rows[5]
         if members:
             peer.rx_bytes += sum(stops) - sum(starts) + 16 * len(starts)
             peer.rx_source = _source(mv, int(addrs[members[-1]]))
-            self._deliver(peer, mv, starts, stops, rows[4])
+            astops = list(map(add, astarts, map(sub, stops, starts)))
+            self._deliver(peer, self._amv, astarts, astops, rows[4])
 
     def _rx_views(self, mv: memoryview, starts: list[int],
-                  stops: list[int]) -> list[tuple[int, memoryview, memoryview]]:
-        """(start, body, plaintext) views of each message body `mv[start:stop]`."""
+                  stops: list[int]) -> list[tuple[int, memoryview]]:
+        """(start, body) views of each message body `mv[start:stop]` (ciphertext and tag)."""
         cache = self._views
         views = list(map(cache.get, stops))
         if None in views or list(map(_START, views)) != starts:
@@ -329,7 +340,30 @@ class Worker:
             for k, (s, e) in enumerate(zip(starts, stops, strict=True)):
                 v = views[k]
                 if v is None or v[0] != s:
-                    views[k] = cache[e] = (s, mv[s:e], mv[s : e - 16])
+                    views[k] = cache[e] = (s, mv[s:e])
+        return views
+
+    def _arena_views(self, members: list[int], starts: list[int],
+                     stops: list[int]) -> list[tuple[int, memoryview]]:
+        """(arena start, plaintext view) for each body `[start:stop]` of the batch member
+        at that position: its slot of the arena, at the body's offset in its frame.
+
+        Decryption writes there, never into the frame it reads: `decrypt_into` refuses
+        (cryptography >= 51) or garbles (before) an output that shares memory with its
+        input. Views are cached by start and body length (a few lengths per slot)."""
+        mask = repeat(FRAME_SIZE - 1)
+        astarts = list(map(add, map(_SLOT_BASE.__getitem__, members), map(and_, starts, mask)))
+        keys = list(map(add, map(mul, astarts, repeat(FRAME_SIZE)), map(sub, stops, starts)))
+        cache = self._plain_views
+        views = list(map(cache.get, keys))
+        if None in views:
+            if len(cache) > VIEW_CACHE_MAX:
+                cache.clear()
+            amv = self._amv
+            for k, key in enumerate(keys):
+                if views[k] is None:
+                    a = astarts[k]
+                    views[k] = cache[key] = (a, amv[a : a + stops[k] - starts[k] - 16])
         return views
 
     def _deliver(self, peer: WPeer, mv: memoryview, starts: list[int], stops: list[int],
@@ -478,8 +512,11 @@ class Worker:
                     tpl: Any, addrs_out: list[int], lens_out: list[int]) -> int:
         """Encrypt one peer's packets with counters first, first+1, ...; returns bytes sent.
 
-        Each packet is copied once, into a UMEM frame behind the cached link header,
-        and sealed in place; packets AF_XDP cannot carry go to `_send_raw`.
+        Each packet is sealed from where it is (the TUN read, or a padded staging row
+        when it needs padding or checksums) into a UMEM frame behind the cached link
+        header: input and output never share memory, which `encrypt_into` refuses
+        (cryptography >= 51) or garbles (before). Packets AF_XDP cannot carry go to
+        `_send_raw`.
         """
         mtu = self.spec.mtu
         limit = min(FRAME_SIZE, self.link_mtu + 14) - HEADER_LEN
@@ -502,32 +539,34 @@ class Worker:
         nframes = len(frames)
         total = 0
         unused: list[int] = []
-        views = self._tx_views  # (plaintext, sealed) per frame start + padded length
-        if len(views) > VIEW_CACHE_MAX:
-            views.clear()
+        sealed_views = self._tx_views  # a frame's sealed message, by frame start + padded length
+        if len(sealed_views) > VIEW_CACHE_MAX:
+            sealed_views.clear()
         uniform = isinstance(plist, offload.UniformBatch)
         n = plist.n if uniform else len(plist[0])
         if nframes == len(plist) >= SEAL_VECTOR_MIN and (
                 uniform or list(map(len, plist)).count(n) == nframes):
-            # The usual batch, equal packets: headers, counters, bodies and padding go
-            # into the frames in a few numpy calls; then one C-level pass of AEAD calls.
+            # The usual batch, equal packets: headers and counters go into the frames in a
+            # few numpy calls, then one C-level pass of AEAD calls seals into them.
             plen = (n + 15) & ~15
             if mtu and plen > mtu:
                 plen = max(mtu, n)
             if plen + 32 <= limit:
-                self._fill_frames(frames, plist, tpl.header(plen + 32) + wg_head, first, n, plen)
+                sources = self._fill_frames(frames, plist, tpl.header(plen + 32) + wg_head,
+                                            first, n, plen)
                 ends = [a + plen for a in frames]
-                vs = list(map(views.get, ends))
+                vs = list(map(sealed_views.get, ends))
                 if None in vs:
                     for k, e in enumerate(ends):
                         if vs[k] is None:
                             b = e - plen + body_at
-                            vs[k] = views[e] = (mv[b : b + plen], mv[b : b + plen + 16])
-                deque(map(seal, map(nonce, range(first, first + nframes)), map(_PLAIN_TX, vs),
-                          repeat(None), map(_SEALED_TX, vs)), maxlen=0)
+                            vs[k] = sealed_views[e] = mv[b : b + plen + 16]
+                deque(map(seal, map(nonce, range(first, first + nframes)), sources,
+                          repeat(None), vs), maxlen=0)
                 addrs_out += frames
                 lens_out += [HEADER_LEN + plen + 32] * nframes
                 return (plen + 32) * nframes
+        pad = self._tx_pad
         for k, packet in enumerate(plist):
             counter = first + k
             n = len(packet)
@@ -548,14 +587,15 @@ class Worker:
                 prefix = prefixes[msg_len] = tpl.header(msg_len) + wg_head
             mv[addr : addr + counter_at] = prefix
             put_counter(mv, addr + counter_at, counter)
-            b = addr + body_at
-            mv[b : b + n] = packet
-            if plen > n:
-                mv[b + n : b + plen] = _ZEROS[: plen - n]
-            v = views.get(addr + plen)  # frames are FRAME_SIZE-aligned, plen < FRAME_SIZE
-            if v is None:
-                v = views[addr + plen] = (mv[b : b + plen], mv[b : b + plen + 16])
-            seal(nonce(counter), v[0], None, v[1])
+            if plen > n:  # padded in the staging row
+                pad[:n] = packet
+                pad[n:plen] = _ZEROS[: plen - n]
+                packet = pad[:plen]
+            out = sealed_views.get(addr + plen)  # frames are FRAME_SIZE-aligned
+            if out is None:
+                b = addr + body_at
+                out = sealed_views[addr + plen] = mv[b : b + plen + 16]
+            seal(nonce(counter), packet, None, out)
             addrs_out.append(addr)
             lens_out.append(HEADER_LEN + msg_len)
         if unused:
@@ -563,10 +603,11 @@ class Worker:
         return total
 
     def _fill_frames(self, frames: list[int], plist: list[Any], prefix: bytes, first: int,
-                     n: int, plen: int) -> None:
+                     n: int, plen: int) -> Sequence[Any]:
         """Lay out equal packets of `n` bytes for sealing: in each frame the link and
-        WireGuard header `prefix`, counters first, first+1, ..., the packet, and zero
-        padding to `plen`."""
+        WireGuard header `prefix` and the counters first, first+1, ...; returns what to
+        seal, one `plen`-byte plaintext per frame: the packets themselves if they need
+        neither padding nor checksums, else staging rows (packet, zero padding)."""
         k = len(plist)
         rows = np.array(frames, np.intp) // FRAME_SIZE
         u = self.umem.buf.reshape(-1, FRAME_SIZE)  # type: ignore[union-attr]
@@ -574,16 +615,28 @@ class Worker:
         u[rows, :counter_at] = np.frombuffer(prefix, np.uint8)
         u[rows, counter_at:body_at] = np.arange(first, first + k, dtype="<u8").view(
             np.uint8).reshape(k, 8)
-        if isinstance(plist, offload.UniformBatch):  # its checksums are completed on the way
-            if len(self._tx_bodies) < k * n:
-                self._tx_bodies = np.empty(k * n, np.uint8)
-            bodies = self._tx_bodies[: k * n].reshape(k, n)
+        uniform = isinstance(plist, offload.UniformBatch)
+        if plen == n and not uniform:
+            return plist
+        stride = (plen + 1) & ~1  # `UniformBatch.fill` wants rows of even length
+        if len(self._tx_bodies) < k * stride:
+            self._tx_bodies = np.empty(k * stride, np.uint8)
+            self._tx_rows.clear()
+        bodies = self._tx_bodies[: k * stride].reshape(k, stride)
+        if uniform:  # its checksums are completed on the way
             plist.fill(bodies, 0)
         else:
-            bodies = np.frombuffer(b"".join(plist), np.uint8).reshape(k, n)
-        u[rows, body_at : body_at + n] = bodies
+            bodies[:, :n] = np.frombuffer(b"".join(plist), np.uint8).reshape(k, n)
         if plen > n:
-            u[rows, body_at + n : body_at + plen] = 0
+            bodies[:, n:plen] = 0
+        key = stride * FRAME_SIZE + plen
+        views = self._tx_rows.get(key)
+        if views is None or len(views) < k:
+            whole = memoryview(self._tx_bodies)
+            views = self._tx_rows[key] = [whole[r : r + plen]
+                                          for r in range(0, len(self._tx_bodies) - plen + 1,
+                                                         stride)]
+        return views[:k]
 
     def _send_raw(self, endpoint: tuple[str, int], message: bytes) -> None:
         """Send through the kernel: UDP header by hand, IP header and fragments by the kernel."""
@@ -655,6 +708,8 @@ class Worker:
     def close(self) -> None:
         self._views.clear()  # they pin the UMEM mapping
         self._tx_views.clear()
+        self._tx_rows.clear()
+        self._plain_views.clear()
         self._rx_out.clear()
         with contextlib.suppress(Exception):
             self.xsk.close()

@@ -4,19 +4,19 @@ In one process, no sockets:
 
 * worker RX: `Worker.rx()` of wgx/dataplane/worker.py itself, on batches of
   256 transport messages laid out in a fake UMEM (Ethernet/IPv4/UDP/WireGuard
-  frames) -- batch header parse, keypair lookup, in-place `decrypt_into`,
+  frames) -- batch header parse, keypair lookup, `decrypt_into` frame -> arena,
   the shared replay window, the allowed-IPs source check, the TUN hand-off
   (a counting stub);
 * worker TX: `Worker.tx()` on batches of 64 plaintext packets from a stub
   TUN -- allowed-IPs lookup, counter reservation, the header template,
-  in-place `encrypt_into` into UMEM frames, the TX ring (a stub);
+  `encrypt_into` from the packet into UMEM frames, the TX ring (a stub);
 * ceiling: the bare `cryptography` ChaCha20Poly1305 `decrypt_into` /
   `encrypt_into` loop over the same sizes with precomputed nonces -- what
   any Python dataplane pays at least per packet.
 
 If the worker's internals changed so that it cannot be driven with the stubs,
 the "replica" mode times the same per-packet calls the worker makes (nonce
-build, in-place `decrypt_into`/`encrypt_into` on a numpy buffer) and says so.
+build, `decrypt_into`/`encrypt_into` between a numpy buffer and an arena) and says so.
 
 Handshakes per second: initiation + response + its consumption, both through
 two `wgx.protocol.engine.Engine`s (the daemon's code path: MACs, cookies,
@@ -226,7 +226,8 @@ def _worker_tx_rate(size: int, seconds: float) -> float:
 
 
 def _replica_rates(size: int, seconds: float) -> tuple[float, float]:
-    """The worker's per-packet calls alone: nonce build + in-place AEAD on a numpy buffer."""
+    """The worker's per-packet calls alone: nonce build + AEAD from a numpy buffer into an
+    arena (RX) and from the packet into the buffer (TX), never in place."""
     from wgx.protocol.messages import padded_len
 
     key = os.urandom(32)
@@ -240,15 +241,14 @@ def _replica_rates(size: int, seconds: float) -> tuple[float, float]:
         sealed = aead.encrypt(_NONCE0 + i.to_bytes(8, "little"), plain, None)
         buf[i * FRAME + HDR + 16 : i * FRAME + HDR + 16 + len(sealed)] = np.frombuffer(
             sealed, np.uint8)
-    pristine = buf.copy()
+    arena = memoryview(bytearray(n * FRAME))
     spent, packets, deadline = 0.0, 0, time.monotonic() + seconds
     while time.monotonic() < deadline or packets == 0:
-        buf[:] = pristine
         t0 = time.perf_counter()
         for i in range(n):
             start = i * FRAME + HDR + 16
-            body = mv[start : start + plen + 16]
-            aead.decrypt_into(_NONCE0 + i.to_bytes(8, "little"), body, None, body[:-16])
+            aead.decrypt_into(_NONCE0 + i.to_bytes(8, "little"), mv[start : start + plen + 16],
+                              None, arena[start : start + plen])
         spent += time.perf_counter() - t0
         packets += n
     rx = packets / spent
@@ -258,10 +258,8 @@ def _replica_rates(size: int, seconds: float) -> tuple[float, float]:
         t0 = time.perf_counter()
         for i in range(n):
             start = i * FRAME + HDR + 16
-            frame = mv[start : start + plen + 16]
-            frame[:plen] = plain
-            aead.encrypt_into(_NONCE0 + counter.to_bytes(8, "little"), frame[:plen], None,
-                              frame)
+            aead.encrypt_into(_NONCE0 + counter.to_bytes(8, "little"), plain, None,
+                              mv[start : start + plen + 16])
             counter += 1
         spent += time.perf_counter() - t0
         packets += n
