@@ -631,3 +631,60 @@ def test_xdp_unavailable_fails_and_auto_falls_back(lab: netlab.Lab) -> None:
     print(f"auto on lo: fastpath_error={st['fastpath_error']}")
     assert st["fastpath_error"] in a.daemon_output(), a.daemon_output()  # logged once, too
     assert a.stop_daemon() == 0
+
+
+# ------------------------------------------- 6. workers that crash on every packet
+
+def test_crash_loop_auto_falls_back_to_sockets_and_says_why(lab: netlab.Lab) -> None:
+    a, b = lab.a, lab.b
+    env = {**XDP_ENV, "WGX_DATAPLANE": "auto", "WGX_TEST_WORKER_FAULT": "rx"}
+    tun = lab.tunnel(WGX, WGGO, env_a=env, env_b=WGGO_ENV)
+    assert wgx_get(a).get("dataplane") == "xdp", a.daemon_output()
+    # Transport data reaches the workers' RX, where each batch crashes its worker.
+    pinger = a.popen(["ping", "-n", "-i", "0.1", "-c", "80", "-W", "1", tun.overlay4(b)],
+                     stdout=subprocess.PIPE, text=True)
+    try:
+        st = netlab.wait_until(lambda: (s := wgx_get(a)).get("dataplane") == "socket" and s,
+                               timeout=20, what="the fallback to the socket dataplane")
+    finally:
+        pinger.kill()
+        pinger.communicate()
+    why = st["fastpath_error"]
+    print(f"\nauto, a worker crashing on every RX batch: fastpath_error={why}")
+    assert "socket dataplane took over" in why and "injected fault in rx" in why, st
+    assert "worker_pids" not in st and st["dataplane_setting"] == "auto", st
+    # The tunnel stays up, on the daemon's sockets, both ways.
+    lab.ping(a, tun.overlay4(b), count=5)
+    lab.ping(b, tun.overlay6(a), count=5)
+    assert xdp_prog_ids(a) == []
+    show = a.run(a.uapi_wrap(["wgx", "show", "wg0"])).stdout
+    assert "dataplane: socket" in show and "injected fault in rx" in show, show
+    log = a.daemon_output()
+    assert log.count("Traceback") >= 3, log  # each crash logged with its traceback
+    assert "worker 0 crashed" in log or "worker 1 crashed" in log, log
+    assert "not restarting workers" in log, log
+    assert a.stop_daemon() == 0
+
+
+def test_crash_loop_xdp_exits_with_the_reason(lab: netlab.Lab) -> None:
+    a, b = lab.a, lab.b
+    env = {**XDP_ENV, "WGX_TEST_WORKER_FAULT": "tx"}
+    tun = lab.tunnel(WGX, WGGO, env_a=env, env_b=WGGO_ENV)
+    daemon = a.daemon
+    assert daemon is not None and wgx_get(a).get("dataplane") == "xdp"
+    # Every packet from a's TUN reaches a worker's TX, which crashes.
+    pinger = a.popen(["ping", "-n", "-i", "0.1", "-c", "80", "-W", "1", tun.overlay4(b)],
+                     stdout=subprocess.PIPE, text=True)
+    try:
+        rc = netlab.wait_until(lambda: daemon.poll(), timeout=20, interval=0.1,
+                               what="the daemon to exit")
+    finally:
+        pinger.kill()
+        pinger.communicate()
+    log = a.daemon_output()
+    print(f"\nxdp, a worker crashing on every TX batch: exit status {rc}; "
+          f"{[ln for ln in log.splitlines() if 'fast path failed' in ln][:1]}")
+    assert rc == 1, log
+    assert "fast path failed: workers died 3 times" in log, log
+    assert "injected fault in tx" in log and "Traceback" in log, log
+    assert not a.link_exists("wg0") and xdp_prog_ids(a) == []

@@ -133,6 +133,22 @@ def test_three_hosts(lab_name: str, topology: str) -> None:
 
 
 @pytest.mark.privileged
+def test_failed_ping_shows_the_daemon_logs(lab_name: str) -> None:
+    """A lab whose tunnel cannot ping says why: the last lines of the daemons' logs
+    (here: workers that crash on every packet, so the `xdp` daemons stop)."""
+    cp = subprocess.run(["wgx", "lab", "up", "--name", lab_name, "--dataplane", "xdp"],
+                        capture_output=True, text=True, timeout=180,
+                        env={**os.environ, "WGX_TEST_WORKER_FAULT": "rx"})
+    print(cp.stderr[-1500:])
+    assert cp.returncode != 0
+    assert f"lab {lab_name}: alpha cannot ping beta" in cp.stderr, cp.stderr
+    assert "last lines of the daemon log" in cp.stderr, cp.stderr
+    assert "fast path failed: workers died 3 times" in cp.stderr, cp.stderr
+    assert "injected fault in rx" in cp.stderr, cp.stderr
+    assert_clean(lab_name)
+
+
+@pytest.mark.privileged
 def test_down_after_killed_up(lab_name: str) -> None:
     """SIGKILL `wgx lab up` (and everything it started) half-way; `down` still cleans up."""
     proc = subprocess.Popen(["wgx", "lab", "up", "--name", lab_name, "--dataplane", "socket",

@@ -60,22 +60,29 @@ class DeviceOptions:
     workers: int | None = None
     xdp_mode: str = "auto"
     tun_offload: bool = True
+    worker_fault: str | None = None  # tests only: "rx" or "tx" crashes every batch
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> DeviceOptions:
         """Options from WGX_* variables; ValueError names a malformed one.
 
         WGX_TEST_REKEY_AFTER_TIME (seconds) and WGX_TEST_REKEY_AFTER_MESSAGES shrink
-        the rekey limits for soak tests only; a deployment never sets them.
+        the rekey limits for soak tests only; WGX_TEST_WORKER_FAULT=rx|tx makes every
+        worker crash on its first RX or TX batch, for the crash-loop tests only. A
+        deployment never sets them.
         """
         workers = env.get("WGX_WORKERS")
         if workers is not None and not (workers.isdigit() and int(workers) > 0):
             raise ValueError(f"WGX_WORKERS={workers!r}: expected a positive integer")
+        fault = env.get("WGX_TEST_WORKER_FAULT") or None
+        if fault not in (None, "rx", "tx"):
+            raise ValueError(f"WGX_TEST_WORKER_FAULT={fault!r}: expected rx or tx")
         return cls(dataplane=env.get("WGX_DATAPLANE", "auto"),
                    xdp_iface=env.get("WGX_XDP_IFACE") or None,
                    workers=int(workers) if workers else None,
                    xdp_mode=env.get("WGX_XDP_MODE", "auto"),
                    tun_offload=env.get("WGX_TUN_OFFLOAD", "1") != "0",
+                   worker_fault=fault,
                    limits=_test_limits(env))
 
 
@@ -118,6 +125,7 @@ class Device:
         self.stop_reason: str | None = None
         self.fastpath: FastPath | None = None
         self.fastpath_error: str | None = None
+        self.exit_error: str | None = None  # why the daemon stops with an error, if it does
         self._fastpath_tried: set[str] = set()
         self._loader: Loader | None = None
         self._arena = offload.Arena()
@@ -209,7 +217,8 @@ class Device:
         try:
             self.fastpath = FastPath.finish(self.engine, loader, self.name,
                                             workers=self.options.workers,
-                                            vnet_hdr=self.tun.vnet_hdr)
+                                            vnet_hdr=self.tun.vnet_hdr,
+                                            fault=self.options.worker_fault)
         except (FastPathError, OSError) as e:
             self.fastpath_error = str(e)
             level = logging.ERROR if self.options.dataplane == "xdp" else logging.INFO
@@ -380,6 +389,20 @@ class Device:
                 raise TunGone(self.name) from None
         for new in after - before:
             self._poll.register(new, select.POLLIN)
+        if fp.failure is not None:
+            self._fastpath_failed(fp.failure)
+
+    def _fastpath_failed(self, why: str) -> None:
+        """The workers kept crashing: with `xdp` the daemon stops with the reason (exit
+        status 1); with `auto` the socket dataplane takes over and `wgx show` says why."""
+        if self.options.dataplane == "xdp":
+            self.exit_error = f"fast path failed: {why}"
+            log.error("%s; stopping (WGX_DATAPLANE=xdp)", self.exit_error)
+            self.request_stop(self.exit_error)
+            return
+        self._stop_fastpath()
+        self.fastpath_error = f"fast path stopped, the socket dataplane took over: {why}"
+        log.error("%s", self.fastpath_error)
 
     def _housekeeping(self) -> None:
         if not self.uapi.still_ours():

@@ -129,7 +129,8 @@ class FastPath:
 
     @classmethod
     def finish(cls, engine: Engine, loader: Loader, tun_name: str, *,
-               workers: int | None = None, vnet_hdr: bool = False) -> FastPath:
+               workers: int | None = None, vnet_hdr: bool = False,
+               fault: str | None = None) -> FastPath:
         """Second step, in the daemon's thread: shared slots and worker processes."""
         prog, ifname = loader.result(), loader.ifname
         queues = rx_queues(ifname)
@@ -139,7 +140,7 @@ class FastPath:
         specs = [
             WorkerSpec(i, ifname, i, tun_name, engine.listen_port, engine.mtu,
                        engine.limits.reject_after_time, engine.limits.reject_after_messages,
-                       vnet_hdr)
+                       vnet_hdr, fault)
             for i in range(n)
         ]
         pool = WorkerPool(specs, slots, prog.set_xsk)
@@ -279,6 +280,11 @@ class FastPath:
             elif kind == "died":
                 self.pool.respawn(msg[1])
 
+    @property
+    def failure(self) -> str | None:
+        """Why the workers are no longer restarted (they kept crashing), or None."""
+        return self.pool.gave_up
+
     def set_listen_port(self, port: int) -> None:
         """Follow a listen-port change: XDP classifies and workers stamp the new port."""
         try:
@@ -338,6 +344,9 @@ class FastPath:
             "xdp_attach_mode": self.prog.attach_mode,
             "workers": len(self.pool.specs),
             "worker_restarts": self.pool.restarts,
+            **({"worker_last_crash": "; ".join(f"worker {i}: {why}" for i, why in
+                                               sorted(self.pool.crashes.items()))}
+               if self.pool.crashes else {}),
             "worker_pids": ",".join(map(str, self.pool.pids())),
             "xdp_under_load": int(self.prog.under_load),
         }

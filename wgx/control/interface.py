@@ -67,6 +67,12 @@ def _state_path(iface: str, netns: str | None) -> Path:
     return STATE_DIR / (f"{netns}/" if netns else "") / f"{iface}.json"
 
 
+def daemon_log_path(iface: str, netns: str | None = None) -> Path:
+    """Where the daemon that `up` starts logs (unless WGX_LOG_FILE says otherwise):
+    beside the state file, renewed by every `up`, kept after `down` for a post-mortem."""
+    return _state_path(iface, netns).with_suffix(".log")
+
+
 def _resolve_endpoint(host: str, port: int) -> tuple[str, int]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
@@ -228,6 +234,11 @@ class Interface:
             elif self.dataplane == "xdp":
                 raise InterfaceError("--dataplane xdp needs a peer Endpoint to find the underlay "
                                      "interface (or set WGX_XDP_IFACE)")
+        if not env.get("WGX_LOG_FILE"):
+            log_file = daemon_log_path(self.name, self.netns)
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            log_file.unlink(missing_ok=True)
+            env["WGX_LOG_FILE"] = str(log_file)
         argv = _daemon_command() + [self.name]
         preexec = None
         if self.netns:

@@ -23,6 +23,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
+from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -32,6 +34,10 @@ from .worker import WorkerSpec, worker_main
 
 log = logging.getLogger("wgx.pool")
 _ctx = multiprocessing.get_context("fork")
+# A pool whose workers died this often within this many seconds is crashing on its
+# input, not being killed: restarting it forever would only hide that.
+CRASH_LIMIT = 3
+CRASH_WINDOW = 10.0
 
 
 class WorkerPool:
@@ -51,7 +57,10 @@ class WorkerPool:
         self._live_stats: list[dict[str, int]] = [{} for _ in specs]
         self._retired: list[dict[str, int]] = [{} for _ in specs]  # of dead predecessors
         self.ready: set[int] = set()
-        self.failures: dict[int, str] = {}
+        self.failures: dict[int, str] = {}  # workers that could not start, and why
+        self.crashes: dict[int, str] = {}  # the last crash of each worker, in one line
+        self._deaths: deque[float] = deque(maxlen=CRASH_LIMIT)
+        self.gave_up: str | None = None  # why workers are no longer restarted
 
     def start(self) -> None:
         for i in range(len(self.specs)):
@@ -138,6 +147,8 @@ class WorkerPool:
                     self.ready.add(i)
                 elif msg[0] == "failed":
                     self.failures[i] = msg[2]
+                elif msg[0] == "crashed":
+                    self.crashes[i] = msg[2]
                 out.append(msg)
         except (EOFError, OSError):
             del self.reports[fd]
@@ -159,19 +170,33 @@ class WorkerPool:
             out.append(merged)
         return out
 
-    def respawn(self, i: int) -> None:
-        """Replace a dead worker (its XSK slot in the map is taken over by the new one)."""
+    def respawn(self, i: int) -> bool:
+        """Replace a dead worker (its XSK slot in the map is taken over by the new one).
+
+        After CRASH_LIMIT deaths within CRASH_WINDOW seconds (of any workers) nothing is
+        restarted any more: `gave_up` says why, and False is returned.
+        """
         proc = self.procs[i]
         if proc is not None:
             proc.join(timeout=1)
         old = self.cmds[i]
         if old is not None:
             old.close()
+            self.cmds[i] = None
         self.ready.discard(i)
+        code = None if proc is None else proc.exitcode
+        why = self.crashes.get(i) or f"exit status {code}"
+        now = time.monotonic()
+        self._deaths.append(now)
+        if len(self._deaths) == CRASH_LIMIT and now - self._deaths[0] <= CRASH_WINDOW:
+            self.gave_up = (f"workers died {CRASH_LIMIT} times in "
+                            f"{now - self._deaths[0]:.1f} s; worker {i}: {why}")
+            log.error("not restarting workers: %s", self.gave_up)
+            return False
         self.restarts += 1
-        log.warning("worker %d died (exit %s); restarting", i,
-                    None if proc is None else proc.exitcode)
+        log.warning("worker %d died (%s); restarting", i, why)
         self._spawn(i)
+        return True
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs if p is not None and p.pid]

@@ -43,6 +43,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import repeat
 from multiprocessing.connection import Connection
 from operator import add, and_, itemgetter, mul, sub
@@ -141,6 +142,7 @@ class WorkerSpec:
     reject_after_time: float
     reject_after_messages: int
     vnet_hdr: bool = False
+    fault: str | None = None  # tests only: "rx" or "tx" raises on every such batch
 
 
 class Worker:
@@ -162,6 +164,8 @@ class Worker:
         self.raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP)
         self.raw6.setsockopt(socket.IPPROTO_IPV6, IPV6_CHECKSUM, 6)
         self.link_mtu = netdev.get_mtu(spec.ifname) or 1500
+        if spec.fault in ("rx", "tx"):
+            setattr(self, spec.fault, partial(_injected_fault, spec.fault))
 
     def _init_state(self) -> None:
         """The worker's own state: keys, peers, allowed IPs, counters, batch buffers."""
@@ -811,15 +815,37 @@ def worker_main(spec: WorkerSpec, slots: SessionSlots, cmd: Connection, report: 
     except OSError as e:
         report.send(("failed", spec.index, f"{type(e).__name__}: {e}"))
         os._exit(1)
+    code = 0
     try:
         worker.run()
     except TunGone:
         pass
     except (EOFError, BrokenPipeError):
         pass  # the daemon is gone
-    except OSError as e:
-        if e.errno != errno.EBADF:
-            raise
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno == errno.EBADF:
+            pass  # a descriptor closed under us: the daemon is shutting down
+        else:
+            code = 1
+            log.exception("worker %d crashed", spec.index)
+            with contextlib.suppress(Exception):
+                report.send(("crashed", spec.index, crash_summary(e)))
     finally:
         worker.close()
-    os._exit(0)
+    os._exit(code)
+
+
+def _injected_fault(where: str) -> None:
+    raise RuntimeError(f"injected fault in {where} (WGX_TEST_WORKER_FAULT={where})")
+
+
+def crash_summary(e: BaseException) -> str:
+    """One line for `wgx show`: the exception and where it was raised."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = ""
+    if tb is not None:
+        code = tb.tb_frame.f_code
+        where = f" (in {code.co_name}, {os.path.basename(code.co_filename)}:{tb.tb_lineno})"
+    return f"{type(e).__name__}: {e}{where}"[:300]

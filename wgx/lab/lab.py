@@ -595,8 +595,24 @@ def check(state: LabState, log: Log = _nolog, timeout: float = 15.0) -> None:
     for h in state.hosts[1:]:
         dst = h.overlay4 if tunnel else h.underlay4
         if not _ping_ok(first, dst, timeout):
-            raise LabError(f"lab {state.name}: {first.name} cannot ping {h.name} ({dst})")
+            raise LabError(f"lab {state.name}: {first.name} cannot ping {h.name} ({dst})"
+                           + "".join(_daemon_log_tail(x) for x in (first, h)))
         log(f"{first.name} -> {h.name} ({dst}): ok")
+
+
+def _daemon_log_tail(h: HostState, lines: int = 12) -> str:
+    """The last lines of a wgx host's daemon log (see interface.daemon_log_path), if any."""
+    if h.impl != "wgx" or not h.state_dir:
+        return ""
+    path = Path(h.state_dir) / f"{h.iface}.log"
+    try:
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    if not tail:
+        return f"\n{h.name}: daemon log {path} is empty"
+    return f"\n{h.name}: last lines of the daemon log {path}:\n" + "\n".join(
+        f"  {line}" for line in tail)
 
 
 # ------------------------------------------------------------------------------ down
