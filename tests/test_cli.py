@@ -7,6 +7,7 @@ its own mount namespace) and `--netns`, so nothing touches the host.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -190,6 +191,36 @@ def test_bad_config_is_file_line_exit_2_and_changes_nothing(
 def test_missing_file(lab: netlab.Lab) -> None:
     cp = wgx(lab.a, "up", str(lab.a.dir / "nope0.conf"))
     assert cp.returncode == 2 and "nope0.conf:0:" in cp.stderr
+
+
+def test_bare_conf_name_in_cwd_is_the_file(lab: netlab.Lab,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`wgx up wgc1.conf` next to wgc1.conf reads it (issue 15; wg-quick would read
+    /etc/wireguard/wgc1.conf.conf); `down` resolves it the same way. A bare NAME.conf
+    that exists nowhere is one clear error line, exit 2."""
+    h = lab.a
+    priv, _ = keypair(h)
+    write_conf(h.dir / "wgc1.conf", f"[Interface]\nPrivateKey = {priv}\nListenPort = 51831\n")
+    monkeypatch.chdir(h.dir)
+    try:
+        cp = wgx(h, "up", "wgc1.conf", "--dataplane", "socket")
+        assert cp.returncode == 0, cp.stderr
+        with NetConf(h.name) as nc:
+            assert nc.link_info("wgc1")["up"]
+    finally:
+        cp = wgx(h, "down", "wgc1.conf")
+        state_dir = Path(f"/run/wgx/{h.name}")
+        (state_dir / "wgc1.log").unlink(missing_ok=True)  # a daemon log kept after down
+        with contextlib.suppress(OSError):
+            state_dir.rmdir()  # only if empty
+    assert cp.returncode == 0, cp.stderr
+    with NetConf(h.name) as nc:
+        assert nc.link_index("wgc1") is None
+    cp = wgx(h, "up", "nope1.conf")
+    assert cp.returncode == 2
+    assert cp.stderr.strip().splitlines() == [
+        "error: nope1.conf:0: no such file (and, read as an interface name as wg-quick would,"
+        " no /etc/wireguard/nope1.conf.conf either)"]
 
 
 def test_failure_halfway_rolls_back(lab: netlab.Lab) -> None:

@@ -569,13 +569,40 @@ def test_interface_name_invalid(path: str) -> None:
                                " (1-15 of a-z A-Z 0-9 _ = + . -), followed by .conf")
 
 
-def test_resolve() -> None:
+def test_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no *.conf here
     assert resolve("wg0") == Path("/etc/wireguard/wg0.conf")
     assert resolve("wg0", "/tmp/x") == Path("/tmp/x/wg0.conf")
-    assert resolve("wg0.conf") == Path("/etc/wireguard/wg0.conf.conf")  # as wg-quick
     assert resolve("./wg0.conf") == Path("./wg0.conf")
     assert resolve("/srv/vpn/wg1.conf") == Path("/srv/vpn/wg1.conf")
     assert resolve("a-very-long-interface") == Path("a-very-long-interface")
+
+
+def test_resolve_existing_conf_file_in_cwd_is_a_path(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's `wgx up wg-alpha.conf`: a valid interface name, but also a file here."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "wg-alpha.conf.conf").write_text("")  # what wg-quick would read instead
+    (tmp_path / "wg-alpha.conf").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert resolve("wg-alpha.conf", str(etc)) == Path("wg-alpha.conf")
+    assert resolve("wg-alpha.conf") == Path("wg-alpha.conf")
+    assert resolve("wg-alpha", str(etc)) == etc / "wg-alpha.conf"  # a name stays a name
+    (tmp_path / "wg0").write_text("")  # only files ending in .conf are taken as paths
+    assert resolve("wg0", str(etc)) == etc / "wg0.conf"
+
+
+def test_resolve_missing_conf_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        resolve("foo.conf", str(tmp_path / "etc"))
+    assert str(info.value) == ("foo.conf:0: no such file (and, read as an interface name as"
+                               f" wg-quick would, no {tmp_path}/etc/foo.conf.conf either)")
+    # wg-quick's meaning still holds when only its file exists
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "foo.conf.conf").write_text("")
+    assert resolve("foo.conf", str(tmp_path / "etc")) == tmp_path / "etc" / "foo.conf.conf"
 
 
 # --------------------------------------------------------------------- writing back

@@ -109,6 +109,10 @@ NetnsOpt = Annotated[str | None, typer.Option(
     "must be unique on the host.")]
 
 
+_TARGET_HELP = ("A config file (an existing NAME.conf is read as a file, even when NAME.conf "
+                "is also a valid interface name), or IFACE for /etc/wireguard/IFACE.conf.")
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
@@ -143,8 +147,7 @@ def _interface(target: str, netns: str | None, dataplane: str = "auto") -> Inter
 
 @app.command()
 def up(
-    target: Annotated[str, typer.Argument(
-        metavar="CONFIG|IFACE", help="A config file, or IFACE for /etc/wireguard/IFACE.conf.")],
+    target: Annotated[str, typer.Argument(metavar="CONFIG|IFACE", help=_TARGET_HELP)],
     dataplane: Annotated[str, typer.Option(
         help="auto (XDP where possible, else socket), xdp, or socket.")] = "auto",
     netns: NetnsOpt = None,
@@ -155,7 +158,11 @@ def up(
     routing: table 51820, a `not fwmark` rule and a `suppress_prefixlength 0` rule.
     If any step fails, everything done so far is rolled back.
 
-    Example: [bold]wgx up wg0[/bold]  or  [bold]wgx up ./lab/alpha.conf --netns alpha[/bold]
+    CONFIG|IFACE: an existing file whose name ends in .conf is read as that file, also
+    when the name looks like an interface name (wg-alpha.conf); any other interface
+    name IFACE means /etc/wireguard/IFACE.conf, as in wg-quick.
+
+    Example: [bold]wgx up wg0[/bold]  or  [bold]wgx up wg-alpha.conf --netns alpha[/bold]
     """
     _require_root("up")
     if dataplane not in ("auto", "xdp", "socket"):
@@ -173,12 +180,12 @@ def up(
 
 @app.command()
 def down(
-    target: Annotated[str, typer.Argument(metavar="CONFIG|IFACE")],
+    target: Annotated[str, typer.Argument(metavar="CONFIG|IFACE", help=_TARGET_HELP)],
     netns: NetnsOpt = None,
 ) -> None:
     """Undo exactly what `wgx up` did (with SaveConfig = true, save the live state first).
 
-    Example: [bold]wgx down wg0[/bold]
+    Example: [bold]wgx down wg0[/bold]  or  [bold]wgx down wg-alpha.conf --netns alpha[/bold]
     """
     _require_root("down")
     iface = _interface(target, netns)
@@ -398,7 +405,10 @@ def _userspace(
       [bold]WG_QUICK_USERSPACE_IMPLEMENTATION=wgx-userspace wg-quick up wg0[/bold]
 
     Environment: WGX_DATAPLANE=auto|xdp|socket (default auto),
-    LOG_LEVEL=silent|error|info|verbose (default error),
+    LOG_LEVEL=silent|error|info|verbose (default error) for wgx's own messages
+    (other libraries' debug and info messages are left out),
+    WGX_LOG_DEBUG=LOGGER,... (comma-separated logger names that log at DEBUG whatever
+    LOG_LEVEL says, e.g. pyroute2),
     WGX_LOG_FILE=PATH (where a daemonized process logs; default nowhere).
     """
     from wgx.control.device import Device, DeviceOptions
@@ -414,6 +424,8 @@ def _userspace(
     if level not in LOG_LEVELS:
         typer.echo(f"error: LOG_LEVEL={level!r}: use one of {', '.join(LOG_LEVELS)}", err=True)
         raise typer.Exit(2)
+    # Before anything can log: the handler writes to fd 2, which daemonizing redirects.
+    setup_logging(LOG_LEVELS[level], os.environ.get("WGX_LOG_DEBUG", ""))
     foreground = foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1"
     try:
         options = DeviceOptions.from_env(dict(os.environ))
@@ -435,13 +447,26 @@ def _userspace(
     if not foreground:
         os.setsid()
         _detach_stdio(os.environ.get("WGX_LOG_FILE"))
-    logging.basicConfig(level=LOG_LEVELS[level], stream=sys.stderr,
-                        format="%(asctime)s %(name)s: %(message)s")
     try:
         reason = dev.run()
     finally:
         dev.close()
     logging.getLogger("wgx").info("exiting: %s", reason)
+    if dev.exit_error:
+        raise typer.Exit(1)
+
+
+def setup_logging(level: int, debug_loggers: str = "") -> None:
+    """Log to stderr (one root handler): wgx's own loggers ("wgx" and "wgx.*") at `level`,
+    every other logger at `level` but never more verbose than WARNING (pyroute2 logs each
+    netlink message at DEBUG), except the loggers in `debug_loggers` (WGX_LOG_DEBUG:
+    comma-separated logger names, e.g. "pyroute2"), which log at DEBUG."""
+    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("wgx").setLevel(level)
+    for name in debug_loggers.split(","):
+        if name.strip():
+            logging.getLogger(name.strip()).setLevel(logging.DEBUG)
 
 
 def _detach_stdio(log_file: str | None) -> None:

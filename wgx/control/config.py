@@ -672,12 +672,28 @@ def interface_name(path: str | os.PathLike[str]) -> str:
 
 
 def resolve(name_or_path: str | os.PathLike[str], config_dir: str = CONFIG_DIR) -> Path:
-    """As wg-quick: an argument that is a valid interface name means
-    ``config_dir/NAME.conf`` (so ``wg0.conf`` alone means ``wg0.conf.conf``, as there);
-    anything else is a path."""
+    """The config file `wgx up ARG` / `wgx down ARG` reads.
+
+    * ARG ending in ``.conf`` that exists (relative to the current directory) is that
+      file, even when it is also a valid interface name: ``wgx up wg0.conf`` next to
+      ``wg0.conf`` reads it. (wg-quick would read ``config_dir/wg0.conf.conf``.)
+    * Otherwise, as wg-quick: a valid interface name means ``config_dir/NAME.conf``;
+      anything else is a path.
+
+    Raises ConfigError (``ARG:0``) for a bare ARG ending in ``.conf`` (a valid interface
+    name) that is neither a file nor, as an interface name, ``config_dir/ARG.conf``,
+    instead of blaming a ``.conf.conf`` file nobody asked for. Looks at the file system
+    only; a missing path is left for `load` to report.
+    """
     name = os.fspath(name_or_path)
+    if name.endswith(".conf") and os.path.exists(name):
+        return Path(name)
     if _IFACE_RE.fullmatch(name):
-        return Path(config_dir) / f"{name}.conf"
+        as_iface = Path(config_dir) / f"{name}.conf"
+        if name.endswith(".conf") and not os.path.exists(as_iface):
+            raise ConfigError(name, 0, "no such file (and, read as an interface name as"
+                                       f" wg-quick would, no {as_iface} either)")
+        return as_iface
     return Path(name)
 
 

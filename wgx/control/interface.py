@@ -69,7 +69,8 @@ def _state_path(iface: str, netns: str | None) -> Path:
 
 def daemon_log_path(iface: str, netns: str | None = None) -> Path:
     """Where the daemon that `up` starts logs (unless WGX_LOG_FILE says otherwise):
-    beside the state file, renewed by every `up`, kept after `down` for a post-mortem."""
+    beside the state file, renewed by every `up`; `down` removes it unless something
+    was logged (at the default LOG_LEVEL, errors), which stays for a post-mortem."""
     return _state_path(iface, netns).with_suffix(".log")
 
 
@@ -412,6 +413,10 @@ class Interface:
                     nc.delete_link(self.name)
         self._wait_daemon_gone(state)
         self.state_file.unlink(missing_ok=True)
+        log_file = daemon_log_path(self.name, self.netns)
+        with contextlib.suppress(OSError):
+            if log_file.stat().st_size == 0:  # one with errors in it stays for a look
+                log_file.unlink()
         if self.netns:
             with contextlib.suppress(OSError):  # only if empty: other interfaces may be up
                 self.state_file.parent.rmdir()
