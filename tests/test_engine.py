@@ -1328,3 +1328,36 @@ def test_restarted_peer_handshakes_again_and_old_session_is_dropped() -> None:
     p.A.receive_datagram(delivered, s1, 11.0)
     p.A.receive_datagram(in_flight, s1, 11.0)  # never delivered, still refused
     assert len(p.A.tun) == tun and p.A.drops["unknown_index"] == 2
+
+
+# ------------------------------------------------- the transport send invariant
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a"] * 4 + ["b"] * 4 + ["rekey_a", "rekey_b", "wait"]),
+                          st.sampled_from([0.0, 0.1, 1.0, 10.0, 70.0])),
+                min_size=20, max_size=80))
+def test_no_key_and_counter_pair_is_sent_twice(steps: list[tuple[str, float]]) -> None:
+    """One (key, counter) pair is sent at most once (Keypair.reserve's invariant), on
+    the engine's own transport path too, whatever the mix of traffic, rekeys by count
+    and by time, and handshakes started from either side."""
+    p = Pair(limits=Limits(rekey_after_messages=7, reject_after_messages=12,
+                           rekey_after_time=60.0, reject_after_time=90.0))
+    t = 0.0
+    p.establish(t)
+    for action, dt in steps:
+        t += dt
+        if action == "a":
+            p.a_to_b(t)
+        elif action == "b":
+            p.b_to_a(t)
+        elif action == "rekey_a":
+            p.A.initiate_handshake(p.pa, t)
+        elif action == "rekey_b":
+            p.B.initiate_handshake(p.pb, t)
+        p.net.run(t, t + 0.001)
+    seen = set()
+    for _, src, _, data in p.net.sent(kind=MSG_TRANSPORT):
+        receiver, counter = struct.unpack_from("<IQ", data, 4)
+        assert (src, receiver, counter) not in seen
+        seen.add((src, receiver, counter))
+    assert seen

@@ -452,3 +452,32 @@ def test_reports_only_what_changed(rig: Any) -> None:
     assert len(sent) == 4 and sent[-1][2][1][0] == 100
     w.flush_report()
     assert len(sent) == 4
+
+
+class _Report:
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def send(self, msg: tuple) -> None:
+        self.sent.append(msg)
+
+
+def test_tx_never_sends_a_counter_twice_when_its_slot_goes_back(rig: Any) -> None:
+    """The worker's belt (issue 22): a slot whose send counter went back under a live
+    keypair (it was reset for another) must not make the worker reuse a nonce."""
+    w, kp = rig
+    _, sent = _capture_tx(w, kp)
+    w.report = _Report()
+    packets = [_inner(src="10.99.0.1", size=100)[:16] + socket.inet_aton("10.99.0.2")
+               + bytes(80) for _ in range(10)]
+    w.tun = _TxTun(list(packets))
+    w.tx()
+    assert len(sent) == 10 and kp.sent_below == 10
+    w.slots.set_send_counter(kp.slot, 3)  # what a reused slot did to the live keypair
+    sent.clear()
+    w.tun = _TxTun(list(packets))
+    w.tx()
+    assert sent == []
+    assert w.stats["drop_counter_reused"] == 10
+    assert kp.local_index not in w.keypairs and w.peers[1].current is None
+    assert w.report.sent == [("revoked", w.spec.index, kp.local_index)]

@@ -17,14 +17,13 @@ import os
 import socket
 import threading
 import time
-from functools import partial
 from typing import Any
 
 from pyroute2 import IPRoute
 
 from wgx.dataplane.netdev import rx_queues
 from wgx.dataplane.pool import WorkerPool
-from wgx.dataplane.sessions import SessionSlots, SharedKeypair
+from wgx.dataplane.sessions import SessionSlots, SharedKeypair, SlotsExhausted, slots_for
 from wgx.dataplane.worker import WorkerSpec
 from wgx.dataplane.xdp import XdpError, XdpProgram
 from wgx.protocol.engine import UNDER_LOAD_HOLD, Engine
@@ -135,8 +134,7 @@ class FastPath:
         prog, ifname = loader.result(), loader.ifname
         queues = rx_queues(ifname)
         n = min(workers or queues, queues, os.cpu_count() or 1)
-        slots = SessionSlots()
-        engine.keypair_factory = partial(SharedKeypair, slots)
+        slots = SessionSlots(limit=slots_for(len(engine.peers)))
         specs = [
             WorkerSpec(i, ifname, i, tun_name, engine.listen_port, engine.mtu,
                        engine.limits.reject_after_time, engine.limits.reject_after_messages,
@@ -145,6 +143,7 @@ class FastPath:
         ]
         pool = WorkerPool(specs, slots, prog.set_xsk)
         fp = cls(engine, ifname, prog, pool, slots)
+        engine.keypair_factory = fp._new_keypair
         # XDP applies the engine's per-source policy before the daemon sees a packet.
         prog.set_ratelimit(PACKETS_PER_SECOND, PACKETS_BURSTABLE)
         prog.set_global_ratelimit(UNKNOWN_INITIATIONS_PER_SECOND, UNKNOWN_INITIATIONS_BURST)
@@ -188,6 +187,14 @@ class FastPath:
                 setattr(peer, attr, new)
                 self.engine.indices.add_keypair(new)
 
+    def _new_keypair(self, *args: Any) -> SharedKeypair | None:
+        """The engine's keypair factory: None (the handshake is refused, and counted in
+        `session_slots_refused`) when no session slot is free within the limit."""
+        try:
+            return SharedKeypair(self.slots, *args)
+        except SlotsExhausted:
+            return None
+
     def _add_keypair(self, kp: Keypair) -> None:
         if not isinstance(kp, SharedKeypair):
             return
@@ -202,14 +209,31 @@ class FastPath:
             log.warning("sessions map: %s", e)
 
     def _remove_keypair(self, kp: Keypair) -> None:
-        self.pool.remove_keypair(kp.local_index)
+        self._forget(kp.local_index, kp.slot if isinstance(kp, SharedKeypair) else None)
+
+    def _forget(self, local_index: int, slot: int | None) -> None:
+        """The engine destroyed a keypair: the workers and XDP forget it, and its slot is
+        freed once every worker acknowledged that (never before: see sessions.py)."""
+        token = self.pool.remove_keypair(local_index)
         with contextlib.suppress(XdpError):
-            self.prog.remove_session(kp.local_index)
+            self.prog.remove_session(local_index)
+        if slot is not None and slot in self.slots.live:
+            self.slots.retire(slot, token)
+        self.slots.settle(self.pool.settled())
 
     def sync(self) -> None:
-        """Mirror peers, endpoints, allowed IPs and current keypairs into the workers."""
+        """Mirror peers, endpoints, allowed IPs and current keypairs into the workers, and
+        forget keypairs the engine no longer has (also those whose events were lost)."""
         engine = self.engine
         live = set(engine.peers.values())
+        for index, msg in list(self.pool.keypairs.items()):
+            if engine.indices.keypair(index) is None:
+                self._forget(index, msg[2])
+        held = {kp.slot for peer in live for kp in peer.keypairs()
+                if isinstance(kp, SharedKeypair)}
+        for slot in self.slots.live - held:  # never announced: no worker has it
+            self.slots.retire(slot, self.pool.sync_token)
+        self.slots.limit = slots_for(len(live))
         for peer in [p for p in self._ids if p not in live]:
             self.pool.remove_peer(self._ids.pop(peer))
         allowed: list[tuple[str, int]] = []
@@ -279,6 +303,11 @@ class FastPath:
                     engine.send_packet(packet, now)
             elif kind == "died":
                 self.pool.respawn(msg[1])
+            elif kind == "revoked":  # a worker caught its counter going back
+                kp = engine.indices.keypair(msg[2])
+                if kp is not None:
+                    engine.revoke_keypair(kp)
+        self.slots.settle(self.pool.settled())  # acknowledgements, or a worker gone
 
     @property
     def failure(self) -> str | None:
@@ -349,6 +378,10 @@ class FastPath:
                if self.pool.crashes else {}),
             "worker_pids": ",".join(map(str, self.pool.pids())),
             "xdp_under_load": int(self.prog.under_load),
+            "session_slots_live": len(self.slots.live),
+            "session_slots_retiring": len(self.slots.retiring),
+            "session_slots_limit": self.slots.limit,
+            "session_slots_refused": self.slots.refused,
         }
         for name, value in self.prog.verdicts().items():
             out[f"xdp.{name}"] = value
@@ -358,6 +391,7 @@ class FastPath:
         return out
 
     def stop(self) -> None:
+        self.engine.keypair_factory = Keypair  # the socket path needs no shared slots
         self.pool.stop()
         try:
             self.prog.detach()

@@ -61,6 +61,11 @@ class WorkerPool:
         self.crashes: dict[int, str] = {}  # the last crash of each worker, in one line
         self._deaths: deque[float] = deque(maxlen=CRASH_LIMIT)
         self.gave_up: str | None = None  # why workers are no longer restarted
+        # Keypair removals carry a sync token; a worker acknowledges the greatest it
+        # applied. A slot retired with token t is free once every live worker acked t.
+        self.sync_token = 0
+        self.acked: list[int] = [0] * len(specs)
+        self._dead: set[int] = set(range(len(specs)))  # not running: they hold nothing
 
     def start(self) -> None:
         for i in range(len(self.specs)):
@@ -79,6 +84,8 @@ class WorkerPool:
         rep_w.close()
         self.procs[i] = proc
         self.cmds[i] = cmd_w
+        self.acked[i] = self.sync_token  # its snapshot holds no keypair removed before
+        self._dead.discard(i)
         self.reports[rep_r.fileno()] = (i, rep_r)
         for msg in self._snapshot():
             cmd_w.send(msg)
@@ -92,9 +99,18 @@ class WorkerPool:
         self.keypairs[msg[1]] = msg
         self._broadcast(msg)
 
-    def remove_keypair(self, local_index: int) -> None:
+    def remove_keypair(self, local_index: int) -> int:
+        """Tell the workers to forget a keypair; returns the sync token they will
+        acknowledge once they did (see `settled`)."""
         self.keypairs.pop(local_index, None)
-        self._broadcast(("keypair_gone", local_index))
+        self.sync_token += 1
+        self._broadcast(("keypair_gone", local_index, self.sync_token))
+        return self.sync_token
+
+    def settled(self) -> int:
+        """The greatest sync token every running worker has acknowledged."""
+        return min((a for i, a in enumerate(self.acked) if i not in self._dead),
+                   default=self.sync_token)
 
     def set_current(self, peer_id: int, local_index: int | None) -> None:
         msg = ("current", peer_id, local_index)
@@ -149,10 +165,13 @@ class WorkerPool:
                     self.failures[i] = msg[2]
                 elif msg[0] == "crashed":
                     self.crashes[i] = msg[2]
+                elif msg[0] == "ack":
+                    self.acked[i] = max(self.acked[i], msg[2])
                 out.append(msg)
         except (EOFError, OSError):
             del self.reports[fd]
             conn.close()
+            self._dead.add(i)
             dead, self._live_stats[i] = self._live_stats[i], {}
             for k, v in dead.items():
                 self._retired[i][k] = self._retired[i].get(k, 0) + v

@@ -8,8 +8,18 @@ because counters are handed out in ranges under the slot's lock
 packets are spread over workers because every worker checks and marks the
 same window under that lock (`accept`), again once per batch.
 
-Slots are handed out round-robin by the daemon, so a slot is reused only
-after `SLOTS` newer keypairs: long after every worker dropped the old one.
+The invariant all of this serves: one (key, counter) pair is sent at most once.
+A slot therefore belongs to one keypair from `allocate` until `settle` frees
+it, and that happens only after both:
+- the engine destroyed the keypair: the daemon `retire`s its slot with the pool's
+  sync token of the removal it broadcast to the workers, and
+- every live worker acknowledged that token, i.e. applied the removal and holds
+  the keypair no more (a worker started later never had it).
+A live or retiring slot is never handed out; past `limit` (sized by the daemon
+for its peers: three keypairs each, plus room for the ones being retired)
+`allocate` raises SlotsExhausted and the new keypair is refused and counted.
+Freed slots are reused first, so the pages touched stay few; the mapping is
+reserved for SLOT_CEILING slots without committing memory for them.
 """
 
 from __future__ import annotations
@@ -17,36 +27,87 @@ from __future__ import annotations
 import contextlib
 import mmap
 import multiprocessing
+from collections import deque
 from collections.abc import Iterator, Sequence
 from operator import lt
 
 from wgx.protocol.peer import Keypair
 from wgx.protocol.replay import STORAGE_LEN, ReplayWindow
 
-SLOTS = 1024
+SLOT_CEILING = 1 << 19  # 545 MB of address space; memory only for the slots touched
+MIN_SLOTS = 1024
+KEYPAIRS_PER_PEER = 3  # current, previous, next
 LOCKS = 64
+_MAP_NORESERVE = 0x4000  # Linux; Python 3.11's mmap module does not name it
 LOCK_TIMEOUT = 1.0
 _WORDS = 1 + STORAGE_LEN  # [0] next send counter, [1:] replay window storage
+_ZERO_SLOT = memoryview(bytes(_WORDS * 8)).cast("Q")
+
+
+class SlotsExhausted(RuntimeError):
+    """Every slot within the limit is live or still being retired."""
+
+
+def slots_for(peers: int) -> int:
+    """The slot limit for `peers` peers: three keypairs each, and as many again in
+    flight between the engine's release and the workers' acknowledgements."""
+    return min(SLOT_CEILING, max(MIN_SLOTS, 2 * KEYPAIRS_PER_PEER * peers))
 
 
 class SessionSlots:
-    def __init__(self, slots: int = SLOTS) -> None:
+    def __init__(self, slots: int = SLOT_CEILING, limit: int | None = None) -> None:
         self.slots = slots
-        self._mm = mmap.mmap(-1, slots * _WORDS * 8)  # MAP_SHARED: survives fork
+        self.limit = min(limit or slots, slots)
+        self._mm = mmap.mmap(-1, slots * _WORDS * 8,  # MAP_SHARED: survives fork
+                             flags=mmap.MAP_SHARED | _MAP_NORESERVE)
         self._q = memoryview(self._mm).cast("Q")
         ctx = multiprocessing.get_context("fork")
         self._locks = [ctx.Lock() for _ in range(LOCKS)]
-        self._next = 0
+        # Ownership bookkeeping: the daemon's alone (workers never allocate).
+        self._free: list[int] = []  # settled slots, reused last-in first-out
+        self._high = 0  # slots [0, _high) were handed out at some time
+        self.live: set[int] = set()
+        self.retiring: deque[tuple[int, int]] = deque()  # (sync token, slot), tokens ascending
+        self.refused = 0
 
     def allocate(self) -> int:
-        """A fresh slot (daemon only), zeroed."""
-        slot = self._next
-        self._next = (slot + 1) % self.slots
+        """A slot no keypair holds (daemon only), zeroed; SlotsExhausted past `limit`."""
+        if len(self.live) + len(self.retiring) >= self.limit:
+            self.refused += 1
+            raise SlotsExhausted(f"{len(self.live)} live and {len(self.retiring)} retiring "
+                                 f"session slots of {self.limit}")
+        if self._free:
+            slot = self._free.pop()
+        elif self._high < self.slots:
+            slot = self._high
+            self._high += 1
+        else:
+            self.refused += 1
+            raise SlotsExhausted(f"all {self.slots} session slots in use")
         base = slot * _WORDS
         with self._held(slot):
-            for i in range(_WORDS):
-                self._q[base + i] = 0
+            self._q[base : base + _WORDS] = _ZERO_SLOT
+        self.live.add(slot)
         return slot
+
+    def retire(self, slot: int, token: int) -> None:
+        """The engine destroyed the keypair of `slot`, and the workers were told so with
+        sync token `token`: the slot is freed once they all acknowledged it (`settle`)."""
+        if slot not in self.live:
+            raise ValueError(f"session slot {slot} is not live")
+        if self.retiring and token < self.retiring[-1][0]:
+            raise ValueError(f"sync token {token} after {self.retiring[-1][0]}")
+        self.live.remove(slot)
+        self.retiring.append((token, slot))
+
+    def settle(self, token: int) -> int:
+        """Every live worker acknowledged sync tokens up to `token`: free the slots
+        retired with them. Returns how many were freed."""
+        freed = 0
+        while self.retiring and self.retiring[0][0] <= token:
+            self._free.append(self.retiring.popleft()[1])
+            freed += 1
+        return freed
 
     def window(self, slot: int) -> ReplayWindow:
         """The shared replay window of `slot`; mutate it only under `lock(slot)`."""
@@ -108,13 +169,19 @@ class SessionSlots:
 
 
 class SharedKeypair(Keypair):
-    """A Keypair whose send counter and replay window live in a `SessionSlots` slot."""
+    """A Keypair whose send counter and replay window live in a `SessionSlots` slot.
 
-    __slots__ = ("_slots", "slot")
+    It keeps the send invariant of `Keypair.reserve` across processes: the counters
+    it is handed must lie above every counter it was handed before, else (its slot
+    was reset under it) it returns None and never sends again.
+    """
+
+    __slots__ = ("_slots", "_sent_below", "slot")
 
     def __init__(self, slots: SessionSlots, *args: object) -> None:
         self._slots = slots
         self.slot = slots.allocate()
+        self._sent_below = 0  # every counter handed to this keypair is below this
         super().__init__(*args)  # type: ignore[arg-type]
         self.replay = slots.window(self.slot)
 
@@ -126,8 +193,12 @@ class SharedKeypair(Keypair):
     def send_counter(self, value: int) -> None:
         self._slots.set_send_counter(self.slot, value)
 
-    def reserve(self, n: int = 1) -> int:
-        return self._slots.reserve(self.slot, n)
+    def reserve(self, n: int = 1) -> int | None:
+        first = self._slots.reserve(self.slot, n)
+        if first < self._sent_below:
+            return None
+        self._sent_below = first + n
+        return first
 
     def accept(self, counter: int) -> bool:
         return self._slots.accept(self.slot, self.replay, (counter,))[0]

@@ -115,6 +115,7 @@ class WKeypair:
     initiator: bool
     confirmed: bool
     window: Any = None
+    sent_below: int = 0  # every counter this worker sent with it is below this
 
 
 @dataclass(slots=True)
@@ -177,7 +178,7 @@ class Worker:
             "rx_packets", "rx_batches", "tx_packets", "tx_batches", "tx_raw", "tx_kicks",
             "drop_unknown_index", "drop_bad_tag", "drop_replay", "drop_expired",
             "drop_allowedips_source", "drop_bad_inner", "drop_no_peer", "drop_malformed",
-            "staged", "rx_out_of_order"), 0)
+            "staged", "rx_out_of_order", "drop_counter_reused"), 0)
         self._rx_out: list[memoryview] = []
         self._views: dict[int, tuple[int, memoryview]] = {}  # UMEM bodies, by end
         # RX plaintext: one frame-sized slot per batch member (see `_arena_views`).
@@ -190,6 +191,7 @@ class Worker:
         self._reported: dict[str, int] = {}  # the counters as last sent
         self._stage: list[bytes] = []
         self._confirm: list[int] = []
+        self._ack = self._acked = 0  # sync tokens: the greatest applied, and reported
 
     # ---------------------------------------------------------------- commands
 
@@ -201,11 +203,8 @@ class Worker:
                 local, slot, peer_id, ChaCha20Poly1305(recv_key), ChaCha20Poly1305(send_key),
                 remote, created, initiator, confirmed, self.slots.window(slot))
         elif kind == "keypair_gone":
-            kp = self.keypairs.pop(msg[1], None)
-            if kp is not None:
-                peer = self.peers.get(kp.peer_id)
-                if peer is not None and peer.current is kp:
-                    peer.current = None
+            self._forget(msg[1])
+            self._ack = msg[2]
         elif kind == "current":
             peer = self.peers.setdefault(msg[1], WPeer(msg[1]))
             peer.current = self.keypairs.get(msg[2]) if msg[2] is not None else None
@@ -226,6 +225,13 @@ class Worker:
             self.nexthops.invalidate()
         elif kind == "stop":
             self.running = False
+
+    def _forget(self, local_index: int) -> None:
+        kp = self.keypairs.pop(local_index, None)
+        if kp is not None:
+            peer = self.peers.get(kp.peer_id)
+            if peer is not None and peer.current is kp:
+                peer.current = None
 
     # --------------------------------------------------------------------- RX
 
@@ -462,6 +468,16 @@ class Worker:
                 self._stage.extend(bytes(p) for p in plist)
                 continue
             first = self.slots.reserve(kp.slot, len(plist))
+            if first < kp.sent_below:
+                # The slot's counter went back under a live keypair: sending would reuse
+                # nonces. Never again with this keypair (the daemon handshakes anew).
+                log.error("keypair %08x: counter %d handed out again (sent up to %d); "
+                          "keypair dropped", kp.local_index, first, kp.sent_below - 1)
+                self.stats["drop_counter_reused"] += len(plist)
+                self._forget(kp.local_index)
+                self.report.send(("revoked", self.spec.index, kp.local_index))
+                continue
+            kp.sent_below = first + len(plist)
             tpl = self.nexthops.header(peer.endpoint, now)
             peer.tx_bytes += self._seal_batch(peer, kp, first, plist, tpl, addrs_out, lens_out)
             peer.tx_data += len(plist)
@@ -696,6 +712,9 @@ class Worker:
             if cfd in ready:
                 while self.cmd.poll():
                     self.apply(self.cmd.recv())
+                if self._ack != self._acked:  # the daemon frees their slots on this
+                    self.report.send(("ack", self.spec.index, self._ack))
+                    self._acked = self._ack
             if xfd in ready:
                 self.rx()
             if tfd in ready:

@@ -190,6 +190,8 @@ def _worker_rx_rate(size: int, seconds: float) -> float:
     while time.monotonic() < deadline or packets == 0:
         # fresh ciphertext and a fresh replay window for every batch (outside the clock)
         w.umem.buf[: len(pristine)] = pristine
+        w.slots.retire(kp.slot, 0)
+        w.slots.settle(0)
         kp.slot = w.slots.allocate()
         kp.window = w.slots.window(kp.slot)
         before = w.tun.written

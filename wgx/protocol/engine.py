@@ -99,7 +99,8 @@ class Engine:
         self.tun: list[bytes] = []
         self.events: deque[tuple[str, object]] = deque(maxlen=4096)
         # How keypairs are made: the XDP dataplane swaps in one backed by shared memory.
-        self.keypair_factory: Callable[..., Keypair] = Keypair
+        # It may return None when it has no room for another (the handshake is dropped).
+        self.keypair_factory: Callable[..., Keypair | None] = Keypair
         self.private_key: bytes | None = None
         self.public_key: bytes | None = None
         self._checker: CookieChecker | None = None
@@ -314,9 +315,10 @@ class Engine:
         limit = self.limits.reject_after_messages
         sent_data = False
         while peer.staged and kp.send_counter < limit:
-            packet = peer.staged.popleft()
-            self._encrypt(peer, kp, packet)
-            sent_data = sent_data or bool(packet)
+            if not self._encrypt(peer, kp, peer.staged[0]):
+                break
+            if peer.staged.popleft():
+                sent_data = True
         self._authenticated_sent(peer, now)
         if sent_data:
             self._data_sent(peer, now)
@@ -359,14 +361,20 @@ class Engine:
         else:
             peer.timers.arm(SEND_KEEPALIVE, now + self.limits.keepalive_timeout)
 
-    def _encrypt(self, peer: Peer, kp: Keypair, packet: bytes) -> None:
+    def _encrypt(self, peer: Peer, kp: Keypair, packet: bytes) -> bool:
+        """Seal and emit one packet; False if `kp` refused a counter (it is dropped:
+        a counter handed out twice would reuse a nonce)."""
+        counter = kp.reserve(1)
+        if counter is None:
+            self.revoke_keypair(kp)
+            return False
         n = len(packet)
         plen = padded_len(n, self.mtu)
         if plen > n:
             packet = packet + bytes(plen - n)
-        counter = kp.reserve(1)
         sealed = kp.sender.encrypt(nonce_for(counter), packet, None)
         self._emit(peer, _TRANSPORT_HDR.pack(MSG_TRANSPORT, kp.remote_index, counter) + sealed)
+        return True
 
     def _initiate(self, peer: Peer, now: float, retry: bool) -> None:
         """Kernel wg_packet_send_queued_handshake_initiation: at most once per REKEY_TIMEOUT."""
@@ -433,6 +441,16 @@ class Engine:
         else:
             self.stats["keepalives_received"] += 1
         self._keep_key_fresh_receive(peer, now)
+
+    def revoke_keypair(self, kp: Keypair) -> None:
+        """Never use `kp` again: it was handed a send counter twice (see Keypair.reserve).
+        Counted; the next packet to its peer starts a new handshake."""
+        self.drops["send_counter_reused"] += 1
+        peer = kp.peer
+        for attr in ("current", "previous", "next"):
+            if getattr(peer, attr) is kp:
+                setattr(peer, attr, None)
+        self._drop_keypair(kp)
 
     def confirm_keypair(self, kp: Keypair, now: float) -> None:
         """The initiator used our `next` keypair: it becomes current (key confirmation)."""
@@ -544,8 +562,11 @@ class Engine:
         peer.latest_timestamp = stamp
         peer.last_initiation_consumed = now
         index = self.indices.new_index(self.random(4))
-        self._install_keypair(
-            peer, self.keypair_factory(peer, index, msg.sender, False, now, send, recv))
+        kp = self.keypair_factory(peer, index, msg.sender, False, now, send, recv)
+        if kp is None:
+            self.drops["no_keypair_room"] += 1
+            return
+        self._install_keypair(peer, kp)
         self._authenticated_received(peer, src, len(data), now)
         reply = Response(index, msg.sender, eph, enc_empty, _ZERO16, _ZERO16).pack()
         self._emit(peer, peer.cookies.add_macs(reply, now))
@@ -576,6 +597,9 @@ class Engine:
         self.indices.remove(pending.local_index)
         peer.handshake = None
         kp = self.keypair_factory(peer, pending.local_index, msg.sender, True, now, send, recv)
+        if kp is None:
+            self.drops["no_keypair_room"] += 1
+            return
         self._install_keypair(peer, kp)
         self._authenticated_received(peer, src, len(data), now)
         self._handshake_complete(peer, now)

@@ -52,8 +52,14 @@ class Keypair:
         self.send_counter = 0
         self.replay = ReplayWindow()
 
-    def reserve(self, n: int = 1) -> int:
-        """Claim the next `n` send counters; returns the first."""
+    def reserve(self, n: int = 1) -> int | None:
+        """Claim the next `n` send counters; returns the first.
+
+        The transport invariant: one (key, counter) pair is sent at most once, so the
+        counters handed out only ever go up. A keypair that cannot keep that promise
+        (shared storage reset under it, see wgx.dataplane.sessions) returns None,
+        and the caller must never send with it again.
+        """
         first = self.send_counter
         self.send_counter = first + n
         return first
