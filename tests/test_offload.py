@@ -11,10 +11,11 @@ from __future__ import annotations
 import ipaddress
 import random
 import struct
+from typing import NamedTuple
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from wgx.dataplane import offload
@@ -1332,26 +1333,47 @@ def test_benchmark_prints_numbers(capsys):
     assert res["coalesce_udp_v4_64x1372_udp=True_us_per_packet"] < 20
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data())
-def test_coalesce_udp_one_flow_fast_plan_equals_general_plan(data):
-    """The one-flow UDP fast plan (`_plan_udp4_flow`) gives byte for byte what the
-    general plan gives, on batches at and just past its conditions: one mutated
-    datagram (size, TOS, TTL, DF, fragment bits, ports, length fields, checksums,
-    IPv6) anywhere in an IPv4 flow."""
-    n = data.draw(st.integers(2, 70))
-    size = data.draw(st.sampled_from([1, 7, 700, 1372, 1400, 9000, 40000, 65507]))
-    ipid = data.draw(st.integers(0, 0xFFFF))
-    pkts = [udp_packet(payload=rand_payload(size, k), sport=40000, dport=5201,
-                       ipid=(ipid + k) & 0xFFFF) for k in range(n)]
-    kind = data.draw(st.sampled_from(
+class UdpFlowCase(NamedTuple):
+    """One draw of `udp_flow_cases`: n datagrams of `size` bytes of payload from IPv4
+    ID `ipid` on, datagram `at` mutated by `kind` (`m`: the payload size for
+    "short"/"big"), the last one's byte `last` flipped unless None, and
+    coalesce's `max_segments`."""
+
+    n: int
+    size: int
+    ipid: int
+    kind: str
+    at: int
+    m: int | None
+    last: int | None
+    max_segments: int
+
+
+@st.composite
+def udp_flow_cases(draw) -> UdpFlowCase:
+    n = draw(st.integers(2, 70))
+    size = draw(st.sampled_from([1, 7, 700, 1372, 1400, 9000, 40000, 65507]))
+    ipid = draw(st.integers(0, 0xFFFF))
+    kind = draw(st.sampled_from(
         ["none", "none", "short", "big", "tos", "ttl", "nodf", "mf", "port", "totlen",
          "udplen", "badsum", "ipsum", "zerosum", "v6"]))
-    at = data.draw(st.sampled_from([0, n - 1, data.draw(st.integers(0, n - 1))]))
-    p = pkts[at]
+    at = draw(st.sampled_from([0, n - 1, draw(st.integers(0, n - 1))]))
+    m = None
     if kind in ("short", "big"):
         big = st.integers(size, min(size + 90, 65507))
-        m = data.draw(st.integers(1, size) if kind == "short" else big)
+        m = draw(st.integers(1, size) if kind == "short" else big)
+    last = draw(st.sampled_from([None, -1, 10]))  # and perhaps a bad last one
+    max_segments = draw(st.sampled_from([1, 5, 64, 80]))
+    return UdpFlowCase(n, size, ipid, kind, at, m, last, max_segments)
+
+
+def udp_flow_batch(case: UdpFlowCase) -> list[bytes]:
+    """The batch a `UdpFlowCase` describes."""
+    n, size, ipid, kind, at, m, last = case[:7]
+    pkts = [udp_packet(payload=rand_payload(size, k), sport=40000, dport=5201,
+                       ipid=(ipid + k) & 0xFFFF) for k in range(n)]
+    p = pkts[at]
+    if kind in ("short", "big"):
         p = udp_packet(payload=rand_payload(m, 7), sport=40000, dport=5201, ipid=at)
     elif kind in ("tos", "ttl", "nodf", "port", "zerosum", "v6"):
         sport = 40001 if kind == "port" else 40000
@@ -1367,20 +1389,77 @@ def test_coalesce_udp_one_flow_fast_plan_equals_general_plan(data):
         b[off] ^= bit
         p = bytes(b)
     pkts[at] = p
-    last = data.draw(st.sampled_from([None, -1, 10]))  # and perhaps a bad last one
     if last is not None:
         b = bytearray(pkts[-1])
         b[last] ^= 0x10
         pkts[-1] = bytes(b)
-    max_segments = data.draw(st.sampled_from([1, 5, 64, 80]))
-    fast = coalesce(pkts, udp=True, max_segments=max_segments)
+    return pkts
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(udp_flow_cases())
+# Issue 15: a shorter last datagram still fits in the 64 KB of a run that no further
+# full-size one fits in (40028 + 1 B); the fast plan cut it off into a run of its own.
+@example(UdpFlowCase(n=2, size=40000, ipid=0, kind="short", at=1, m=1, last=None,
+                     max_segments=5))
+def test_coalesce_udp_one_flow_fast_plan_equals_general_plan(case):
+    """The one-flow UDP fast plan (`_plan_udp4_flow`) gives byte for byte what the
+    general plan gives, on batches at and just past its conditions: one mutated
+    datagram (size, TOS, TTL, DF, fragment bits, ports, length fields, checksums,
+    IPv6) anywhere in an IPv4 flow; with the same counters."""
+    pkts = udp_flow_batch(case)
+    fast_stats, general_stats = OffloadStats(), OffloadStats()
+    fast = coalesce(pkts, udp=True, max_segments=case.max_segments, stats=fast_stats)
+    general = coalesce_general(pkts, udp=True, max_segments=case.max_segments,
+                               stats=general_stats)
+    assert fast == general
+    assert fast_stats.as_dict() == general_stats.as_dict()
+
+
+def coalesce_general(pkts, **kw):
+    """`coalesce` with the one-flow UDP fast plan turned off."""
     plain = offload._plan_udp4_flow
     try:
         offload._plan_udp4_flow = lambda *a: None
-        general = coalesce(pkts, udp=True, max_segments=max_segments)
+        return coalesce(pkts, **kw)
     finally:
         offload._plan_udp4_flow = plain
-    assert fast == general
+
+
+@pytest.mark.parametrize("size, n, last", [(1372, 48, 1023), (40000, 2, 25507)],
+                         ids=["47x1372+short", "40000+short"])
+def test_coalesce_udp_flow_short_last_fills_the_64k_run(path, size, n, last):
+    """A shorter last datagram joins a run that no further full-size one fits in, up
+    to exactly 65535 bytes of IP packet: the kernel's USO rules (every segment but
+    the last carries gso_size bytes, the last 1..gso_size) allow it.  One byte more
+    and it goes alone.  The fast plan and the general plan agree (issue 15)."""
+    for extra, want in ((0, 1), (1, 2)):
+        pkts = dgrams(n=n, size=size, last=last + extra)
+        out = coalesce(pkts, udp=True)
+        assert out == coalesce_general(pkts, udp=True) and len(out) == want
+        if want == 1:
+            assert len(strip(out[0])[1]) == 65535
+            check_udp_super(out[0], pkts)
+        else:  # the full-size ones as before (one alone), the shorter one alone
+            assert out[0] == coalesce(pkts[:-1], udp=True)[0]
+            assert out[1] == bytes(10) + pkts[-1]
+
+
+def test_coalesce_udp_flow_lone_big_datagrams_not_verified():
+    """Datagrams over 32 KB go alone (two do not fit in 64 KB) but for the last
+    full-size one, which the shorter last one joins.  Only that run is verified:
+    a bad checksum on a datagram that goes alone is left to the kernel and not
+    counted, as in the general plan."""
+    pkts = dgrams(n=7, size=40000, last=1)
+    b = bytearray(pkts[0])
+    b[-1] ^= 0x40
+    pkts[0] = bytes(b)
+    for plan in (coalesce, coalesce_general):
+        stats = OffloadStats()
+        out = plan(pkts, udp=True, stats=stats)
+        assert stats.coalesce_bad_csum == 0 and len(out) == 6
+        assert out[:5] == [bytes(10) + p for p in pkts[:5]]
+        check_udp_super(out[5], pkts[5:])
 
 
 @pytest.mark.parametrize("flip", [10, 26, -1], ids=["ip-header", "udp-csum", "payload"])

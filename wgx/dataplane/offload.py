@@ -892,8 +892,12 @@ def coalesce(
     if verify_checksums:
         merged = [g for g in groups if len(g.idx) > 1]
         if merged:
-            m = merged[-1].idx[-1] + 1  # a flow plan's merged runs: packets[:m]
-            if plan is not None and m >= _VECTOR_MIN_VERIFY and not len(packets[0]) & 1:
+            # A flow plan's runs are consecutive: its merged ones are packets[:m] unless
+            # a run of one (a full-size datagram over 32 KB, the shorter last one
+            # joining the final run) lies in between, which is not a candidate.
+            m = merged[-1].idx[-1] + 1
+            if (plan is not None and m >= _VECTOR_MIN_VERIFY and not len(packets[0]) & 1
+                    and sum(len(g.idx) for g in merged) == m):
                 bad = _bad_udp4_flow(packets, m)
             else:
                 bad = _bad_checksums(packets, merged)
@@ -923,8 +927,10 @@ def _plan_udp4_flow(packets: Sequence[Buffer], max_udp: int) -> tuple[list, list
     """`_plan` for the usual UDP batch, in C-level passes: one IPv4 flow (no options,
     no fragments, DF set, equal TOS and TTL) of equal-size datagrams, the last
     perhaps shorter, with IP and UDP lengths matching the buffers.  Runs of
-    `max_udp` datagrams (fewer if 64 KB is reached), exactly as `_plan` cuts them;
-    None for any other batch."""
+    `max_udp` datagrams (fewer if 64 KB is reached), exactly as `_plan` cuts them:
+    a shorter last datagram joins the last run whenever it fits there by count and
+    by bytes (even if a full-size one would not), else goes alone.  None for any
+    other batch."""
     n = len(packets)
     lens = list(map(len, packets))
     first = lens[0]
@@ -945,15 +951,27 @@ def _plan_udp4_flow(packets: Sequence[Buffer], max_udp: int) -> tuple[list, list
         if (w0l != (w0 & 0xFFFF0000 | last) or fl != f or taill[:12] != tail[:12]
                 or (taill[12] << 8 | taill[13]) != last - 20):
             return None
-    cap = min(max_udp, (MAX_IP_PACKET - 28) // (first - 28))
+    # Runs of the equal-size ones: `cap` each, by count or by the 64 KB of a run.
+    seg = first - 28
+    cap = min(max_udp, (MAX_IP_PACKET - 28) // seg)
     sig = (w0 >> 16, f)
     groups: list[_Group] = []
-    for a in range(0, n, cap):
-        b = min(a + cap, n)
-        g = _Group(a, False, 28, lens[a] - 28, 0, sig, 0, True)
+    for a in range(0, rows, cap):
+        b = min(a + cap, rows)
+        g = _Group(a, False, 28, seg, 0, sig, 0, True)
         g.idx = list(range(a, b))
-        g.total = sum(lens[a:b]) - 28 * (b - a - 1)
+        g.total = 28 + (b - a) * seg
         groups.append(g)
+    if rows < n:
+        # The shorter last one ends the last run if that has room for it: by count,
+        # and by bytes even where one more full-size datagram would not fit.
+        tail = lens[-1] - 28
+        g = groups[-1]
+        if len(g.idx) < max_udp and g.total + tail <= MAX_IP_PACKET:
+            g.idx.append(n - 1)
+            g.total += tail
+        else:
+            groups.append(_Group(n - 1, False, 28, tail, 0, sig, 0, True))
     return list(groups), groups
 
 
