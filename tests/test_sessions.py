@@ -91,3 +91,31 @@ def test_accept_counting_counts_late_but_fresh_counters() -> None:
     verdicts, late = slots.accept_counting(slot, window, [8, 10, 7, 20000, 9, 100])
     assert verdicts == [True, True, True, True, False, False]
     assert late == 2
+
+
+def test_a_slot_handed_to_another_keypair_refuses_the_old_one() -> None:
+    """The owner tag: whatever the bookkeeping did, a keypair never reserves counters
+    from, nor marks the window of, a slot that was allocated again since."""
+    slots = SessionSlots(slots=1)
+    old = SharedKeypair(slots, Peer(os.urandom(32)), 1, 2, True, 0.0, os.urandom(32),
+                        os.urandom(32))
+    assert old.reserve(5) == 0 and old.accept(7)
+    assert slots.retire(old.slot, 1, old.tag) and slots.settle(1) == 1
+    assert not slots.retire(old.slot, 2, old.tag)  # a second removal: nothing to do
+    new = SharedKeypair(slots, Peer(os.urandom(32)), 3, 4, True, 0.0, os.urandom(32),
+                        os.urandom(32))
+    assert new.slot == old.slot and new.tag != old.tag
+    assert old.reserve(1) is None and not old.accept(8)
+    assert slots.reserve(old.slot, 1, old.tag) is None
+    assert slots.accept_counting(old.slot, slots.window(old.slot), [9], old.tag) is None
+    assert not slots.retire(new.slot, 3, old.tag)  # a late removal of the old one
+    assert new.reserve(2) == 0 and new.accept(7)  # the new one starts afresh
+
+
+def test_shared_keypair_refuses_a_counter_that_went_back() -> None:
+    slots = SessionSlots(slots=8)
+    kp = SharedKeypair(slots, Peer(os.urandom(32)), 1, 2, True, 0.0, os.urandom(32),
+                       os.urandom(32))
+    assert kp.reserve(10) == 0
+    slots.set_send_counter(kp.slot, 4)
+    assert kp.reserve(1) is None

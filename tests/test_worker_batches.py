@@ -481,3 +481,25 @@ def test_tx_never_sends_a_counter_twice_when_its_slot_goes_back(rig: Any) -> Non
     assert w.stats["drop_counter_reused"] == 10
     assert kp.local_index not in w.keypairs and w.peers[1].current is None
     assert w.report.sent == [("revoked", w.spec.index, kp.local_index)]
+
+
+def test_a_keypair_whose_slot_was_handed_on_neither_sends_nor_receives(rig: Any) -> None:
+    """The owner tag (issue 22): once the daemon gave the slot to another keypair, the
+    worker's stale copy of the old one is refused by the slot, on TX and on RX."""
+    w, kp = rig
+    kp.tag = w.slots.tag(kp.slot)
+    w.report = _Report()
+    w.slots.retire(kp.slot, 1, kp.tag)
+    w.slots.settle(1)
+    assert w.slots.allocate() == kp.slot and w.slots.tag(kp.slot) != kp.tag
+    _, sent = _capture_tx(w, kp)
+    w.tun = _TxTun([_inner(src="10.99.0.1", size=100)[:16] + socket.inet_aton("10.99.0.2")
+                    + bytes(80)])
+    w.tx()
+    assert sent == [] and w.stats["drop_counter_reused"] == 1
+    assert w.report.sent == [("revoked", w.spec.index, kp.local_index)]
+    w.keypairs[kp.local_index] = kp  # as if the revocation had not reached it yet
+    w.tun = _Tun()
+    assert _run(w, [_frame(_message(w.rx_key, kp.local_index, 0, _inner()))]) == []
+    assert _drops(w) == {"drop_counter_reused": 1, "drop_expired": 1}
+    assert kp.local_index not in w.keypairs

@@ -117,6 +117,7 @@ class FastPath:
         self._known: frozenset[str] | None = None  # endpoint hosts last written to XDP
         self._shed = 0  # initiations XDP's rate limits had dropped at the last look
         self._shed_until = float("-inf")  # XDP shed initiations recently: stay under load
+        self._events_lost = engine.events.lost  # events dropped unseen: time to `sync`
 
     @classmethod
     def start(cls, engine: Engine, ifname: str, tun_name: str, *, workers: int | None = None,
@@ -202,23 +203,26 @@ class FastPath:
         confirmed = kp is not peer.next
         self.pool.add_keypair(("keypair", kp.local_index, kp.slot, self.peer_id(peer),
                                kp.recv_key, kp.send_key, kp.remote_index, kp.created,
-                               kp.initiator, confirmed))
+                               kp.initiator, confirmed, kp.tag))
         try:
             self.prog.add_session(kp.local_index, 0, self.peer_id(peer))
         except XdpError as e:
             log.warning("sessions map: %s", e)
 
     def _remove_keypair(self, kp: Keypair) -> None:
-        self._forget(kp.local_index, kp.slot if isinstance(kp, SharedKeypair) else None)
+        if isinstance(kp, SharedKeypair):
+            self._forget(kp.local_index, kp.slot, kp.tag)
+        else:
+            self._forget(kp.local_index)
 
-    def _forget(self, local_index: int, slot: int | None) -> None:
+    def _forget(self, local_index: int, slot: int | None = None, tag: int = 0) -> None:
         """The engine destroyed a keypair: the workers and XDP forget it, and its slot is
         freed once every worker acknowledged that (never before: see sessions.py)."""
         token = self.pool.remove_keypair(local_index)
         with contextlib.suppress(XdpError):
             self.prog.remove_session(local_index)
-        if slot is not None and slot in self.slots.live:
-            self.slots.retire(slot, token)
+        if slot is not None:
+            self.slots.retire(slot, token, tag)
         self.slots.settle(self.pool.settled())
 
     def sync(self) -> None:
@@ -228,7 +232,7 @@ class FastPath:
         live = set(engine.peers.values())
         for index, msg in list(self.pool.keypairs.items()):
             if engine.indices.keypair(index) is None:
-                self._forget(index, msg[2])
+                self._forget(index, msg[2], msg[10])
         held = {kp.slot for peer in live for kp in peer.keypairs()
                 if isinstance(kp, SharedKeypair)}
         for slot in self.slots.live - held:  # never announced: no worker has it
@@ -357,6 +361,9 @@ class FastPath:
                 self._shed_until = now + UNDER_LOAD_HOLD
             self._shed = shed
         self.set_under_load(self.engine.under_load(now), now)
+        if self.engine.events.lost != self._events_lost:  # keypair events may be among them
+            self._events_lost = self.engine.events.lost
+            self.sync()
         if now - self._last_floor < 1.0:
             return
         self._last_floor = now

@@ -40,7 +40,7 @@ KEYPAIRS_PER_PEER = 3  # current, previous, next
 LOCKS = 64
 _MAP_NORESERVE = 0x4000  # Linux; Python 3.11's mmap module does not name it
 LOCK_TIMEOUT = 1.0
-_WORDS = 1 + STORAGE_LEN  # [0] next send counter, [1:] replay window storage
+_WORDS = 2 + STORAGE_LEN  # [0] next send counter, [1] owner tag, [2:] replay window
 _ZERO_SLOT = memoryview(bytes(_WORDS * 8)).cast("Q")
 
 
@@ -69,6 +69,7 @@ class SessionSlots:
         self.live: set[int] = set()
         self.retiring: deque[tuple[int, int]] = deque()  # (sync token, slot), tokens ascending
         self.refused = 0
+        self._serial = 0  # the last owner tag handed out
 
     def allocate(self) -> int:
         """A slot no keypair holds (daemon only), zeroed; SlotsExhausted past `limit`."""
@@ -85,20 +86,31 @@ class SessionSlots:
             self.refused += 1
             raise SlotsExhausted(f"all {self.slots} session slots in use")
         base = slot * _WORDS
+        self._serial += 1
         with self._held(slot):
             self._q[base : base + _WORDS] = _ZERO_SLOT
+            self._q[base + 1] = self._serial
         self.live.add(slot)
         return slot
 
-    def retire(self, slot: int, token: int) -> None:
-        """The engine destroyed the keypair of `slot`, and the workers were told so with
-        sync token `token`: the slot is freed once they all acknowledged it (`settle`)."""
-        if slot not in self.live:
-            raise ValueError(f"session slot {slot} is not live")
+    def tag(self, slot: int) -> int:
+        """The owner tag `allocate` wrote into `slot`: never 0, never the same twice. A
+        keypair that passes its tag to `reserve` and `accept` is refused by a slot that
+        was handed to another keypair since (the belt behind the ownership rules)."""
+        return self._q[slot * _WORDS + 1]
+
+    def retire(self, slot: int, token: int, tag: int = 0) -> bool:
+        """The engine destroyed the keypair of `slot` (owner tag `tag`, if given), and the
+        workers were told so with sync token `token`: the slot is freed once they all
+        acknowledged it (`settle`). False, and nothing changes, if the slot is not live
+        or belongs to another keypair by now (a late second removal)."""
+        if slot not in self.live or (tag and self.tag(slot) != tag):
+            return False
         if self.retiring and token < self.retiring[-1][0]:
             raise ValueError(f"sync token {token} after {self.retiring[-1][0]}")
         self.live.remove(slot)
         self.retiring.append((token, slot))
+        return True
 
     def settle(self, token: int) -> int:
         """Every live worker acknowledged sync tokens up to `token`: free the slots
@@ -111,7 +123,7 @@ class SessionSlots:
 
     def window(self, slot: int) -> ReplayWindow:
         """The shared replay window of `slot`; mutate it only under `lock(slot)`."""
-        base = slot * _WORDS + 1
+        base = slot * _WORDS + 2
         return ReplayWindow(self._q[base : base + STORAGE_LEN])
 
     def send_counter(self, slot: int) -> int:
@@ -136,24 +148,33 @@ class SessionSlots:
         finally:
             lock.release()
 
-    def reserve(self, slot: int, n: int) -> int:
-        """Claim counters [first, first + n) for sending; returns first."""
+    def reserve(self, slot: int, n: int, tag: int = 0) -> int | None:
+        """Claim counters [first, first + n) for sending; returns first, or None if `tag`
+        is given and the slot belongs to another keypair by now."""
         i = slot * _WORDS
         with self._held(slot):
+            if tag and self._q[i + 1] != tag:
+                return None
             first = self._q[i]
             self._q[i] = first + n
         return first
 
-    def accept(self, slot: int, window: ReplayWindow, counters: Sequence[int]) -> list[bool]:
-        """Check-and-mark a batch of authenticated counters in one lock round trip."""
+    def accept(self, slot: int, window: ReplayWindow, counters: Sequence[int],
+               tag: int = 0) -> list[bool] | None:
+        """Check-and-mark a batch of authenticated counters in one lock round trip; None
+        if `tag` is given and the slot belongs to another keypair by now."""
         with self._held(slot):
+            if tag and self._q[slot * _WORDS + 1] != tag:
+                return None
             return window.check_many(counters)
 
-    def accept_counting(self, slot: int, window: ReplayWindow,
-                        counters: Sequence[int]) -> tuple[list[bool], int]:
+    def accept_counting(self, slot: int, window: ReplayWindow, counters: Sequence[int],
+                        tag: int = 0) -> tuple[list[bool], int] | None:
         """`accept`, plus how many were accepted below the greatest counter seen before
         them (arrived out of order, yet inside the window)."""
         with self._held(slot):
+            if tag and self._q[slot * _WORDS + 1] != tag:
+                return None
             top = window.greatest
             verdicts = window.check_many(counters)
         if not counters or (counters[0] > top and all(map(lt, counters, counters[1:]))):
@@ -171,16 +192,17 @@ class SessionSlots:
 class SharedKeypair(Keypair):
     """A Keypair whose send counter and replay window live in a `SessionSlots` slot.
 
-    It keeps the send invariant of `Keypair.reserve` across processes: the counters
-    it is handed must lie above every counter it was handed before, else (its slot
-    was reset under it) it returns None and never sends again.
+    It keeps the send invariant of `Keypair.reserve` across processes: its slot must
+    still carry its owner tag, and the counters it is handed must lie above every
+    counter it was handed before; else it returns None and never sends again.
     """
 
-    __slots__ = ("_slots", "_sent_below", "slot")
+    __slots__ = ("_slots", "_sent_below", "slot", "tag")
 
     def __init__(self, slots: SessionSlots, *args: object) -> None:
         self._slots = slots
         self.slot = slots.allocate()
+        self.tag = slots.tag(self.slot)
         self._sent_below = 0  # every counter handed to this keypair is below this
         super().__init__(*args)  # type: ignore[arg-type]
         self.replay = slots.window(self.slot)
@@ -194,11 +216,12 @@ class SharedKeypair(Keypair):
         self._slots.set_send_counter(self.slot, value)
 
     def reserve(self, n: int = 1) -> int | None:
-        first = self._slots.reserve(self.slot, n)
-        if first < self._sent_below:
+        first = self._slots.reserve(self.slot, n, self.tag)
+        if first is None or first < self._sent_below:
             return None
         self._sent_below = first + n
         return first
 
     def accept(self, counter: int) -> bool:
-        return self._slots.accept(self.slot, self.replay, (counter,))[0]
+        verdicts = self._slots.accept(self.slot, self.replay, (counter,), self.tag)
+        return verdicts is not None and verdicts[0]

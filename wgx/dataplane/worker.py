@@ -116,6 +116,7 @@ class WKeypair:
     confirmed: bool
     window: Any = None
     sent_below: int = 0  # every counter this worker sent with it is below this
+    tag: int = 0  # its slot's owner tag (0: unchecked)
 
 
 @dataclass(slots=True)
@@ -198,10 +199,11 @@ class Worker:
     def apply(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "keypair":
-            _, local, slot, peer_id, recv_key, send_key, remote, created, initiator, confirmed = msg
+            (_, local, slot, peer_id, recv_key, send_key, remote, created, initiator, confirmed,
+             tag) = msg
             self.keypairs[local] = WKeypair(
                 local, slot, peer_id, ChaCha20Poly1305(recv_key), ChaCha20Poly1305(send_key),
-                remote, created, initiator, confirmed, self.slots.window(slot))
+                remote, created, initiator, confirmed, self.slots.window(slot), tag=tag)
         elif kind == "keypair_gone":
             self._forget(msg[1])
             self._ack = msg[2]
@@ -321,7 +323,12 @@ class Worker:
             rows = _without([k for k, s in enumerate(rows[1]) if s in gone], rows)
             if not rows[0]:
                 return
-        verdicts, late = self.slots.accept_counting(kp.slot, kp.window, rows[3])
+        accepted = self.slots.accept_counting(kp.slot, kp.window, rows[3], kp.tag)
+        if accepted is None:  # its slot went to another keypair: this one is dead
+            stats["drop_expired"] += len(rows[3])
+            self._forget(index)
+            return
+        verdicts, late = accepted
         stats["rx_out_of_order"] += late
         peer = self.peers.setdefault(kp.peer_id, WPeer(kp.peer_id))
         if not kp.confirmed:
@@ -467,12 +474,14 @@ class Worker:
                     >= self.spec.reject_after_messages):
                 self._stage.extend(bytes(p) for p in plist)
                 continue
-            first = self.slots.reserve(kp.slot, len(plist))
-            if first < kp.sent_below:
-                # The slot's counter went back under a live keypair: sending would reuse
-                # nonces. Never again with this keypair (the daemon handshakes anew).
-                log.error("keypair %08x: counter %d handed out again (sent up to %d); "
-                          "keypair dropped", kp.local_index, first, kp.sent_below - 1)
+            first = self.slots.reserve(kp.slot, len(plist), kp.tag)
+            if first is None or first < kp.sent_below:
+                # The slot went to another keypair, or its counter went back under this
+                # one: sending would reuse nonces. Never again with this keypair (the
+                # daemon revokes it and handshakes anew).
+                log.error("keypair %08x: slot %d taken over or counter gone back (%s, "
+                          "sent below %d); keypair dropped", kp.local_index, kp.slot, first,
+                          kp.sent_below)
                 self.stats["drop_counter_reused"] += len(plist)
                 self._forget(kp.local_index)
                 self.report.send(("revoked", self.spec.index, kp.local_index))

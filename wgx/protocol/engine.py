@@ -67,6 +67,18 @@ _LOW_ORDER_PROBE = bytes([0x40] * 32)
 Random = Callable[[int], bytes]
 
 
+class Events(deque[tuple[str, object]]):
+    """The engine's event queue: bounded, and counting what it had to drop (`lost`), so
+    a consumer that mirrors state from it knows when to resynchronise instead."""
+
+    lost = 0
+
+    def append(self, event: tuple[str, object]) -> None:
+        if len(self) == self.maxlen:
+            self.lost += 1
+        super().append(event)
+
+
 class ConfigError(ValueError):
     """A configuration value the engine refuses (bad key length, low-order key, ...)."""
 
@@ -97,7 +109,7 @@ class Engine:
         self.stats: Counter[str] = Counter()
         self.datagrams: list[tuple[bytes, Endpoint]] = []
         self.tun: list[bytes] = []
-        self.events: deque[tuple[str, object]] = deque(maxlen=4096)
+        self.events = Events(maxlen=4096)
         # How keypairs are made: the XDP dataplane swaps in one backed by shared memory.
         # It may return None when it has no room for another (the handshake is dropped).
         self.keypair_factory: Callable[..., Keypair | None] = Keypair
