@@ -324,3 +324,20 @@ def test_check_many_fast_path_marks_and_recycles() -> None:
     assert not w.would_accept(run[0])
     assert not w.check_and_update(run[-1])
     assert w.check_and_update(run[-1] - 1)
+
+
+def test_distrust_takes_everything_up_to_the_greatest_as_seen() -> None:
+    """After a writer died mid-update (wgx.dataplane.sessions): nothing at or below the
+    greatest passes, anything above it does, and the window goes on as before."""
+    w = ReplayWindow()
+    for c in (3, 70, 200):
+        assert w.check_and_update(c)
+    w.distrust()
+    assert w.greatest == 200
+    assert not any(w.would_accept(c) for c in (0, 4, 69, 150, 199, 200))
+    assert w.check_and_update(201) and w.check_and_update(255) and w.check_and_update(256)
+    assert not w.check_and_update(201)
+    assert w.check_and_update(202)  # above the old greatest, in the same block: fresh
+    empty = ReplayWindow()
+    empty.distrust()
+    assert empty.check_and_update(0)

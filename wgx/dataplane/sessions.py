@@ -25,8 +25,10 @@ reserved for SLOT_CEILING slots without committing memory for them.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import mmap
-import multiprocessing
+import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from operator import lt
@@ -37,10 +39,11 @@ from wgx.protocol.replay import STORAGE_LEN, ReplayWindow
 SLOT_CEILING = 1 << 19  # 545 MB of address space; memory only for the slots touched
 MIN_SLOTS = 1024
 KEYPAIRS_PER_PEER = 3  # current, previous, next
-LOCKS = 64
 _MAP_NORESERVE = 0x4000  # Linux; Python 3.11's mmap module does not name it
-LOCK_TIMEOUT = 1.0
-_WORDS = 2 + STORAGE_LEN  # [0] next send counter, [1] owner tag, [2:] replay window
+# [0] next send counter, [1] owner tag, [2] window being changed (see `_held`), [3:] window
+_WORDS = 3 + STORAGE_LEN
+_DIRTY = 2
+log = logging.getLogger("wgx.sessions")
 _ZERO_SLOT = memoryview(bytes(_WORDS * 8)).cast("Q")
 
 
@@ -61,8 +64,9 @@ class SessionSlots:
         self._mm = mmap.mmap(-1, slots * _WORDS * 8,  # MAP_SHARED: survives fork
                              flags=mmap.MAP_SHARED | _MAP_NORESERVE)
         self._q = memoryview(self._mm).cast("Q")
-        ctx = multiprocessing.get_context("fork")
-        self._locks = [ctx.Lock() for _ in range(LOCKS)]
+        # One lock per slot: byte `slot` of this file, a POSIX record lock (see `_held`).
+        self._lock_fd = os.memfd_create("wgx-session-locks", os.MFD_CLOEXEC)
+        self.windows_recovered = 0  # in this process: see `_mark_window`
         # Ownership bookkeeping: the daemon's alone (workers never allocate).
         self._free: list[int] = []  # settled slots, reused last-in first-out
         self._high = 0  # slots [0, _high) were handed out at some time
@@ -123,7 +127,7 @@ class SessionSlots:
 
     def window(self, slot: int) -> ReplayWindow:
         """The shared replay window of `slot`; mutate it only under `lock(slot)`."""
-        base = slot * _WORDS + 2
+        base = slot * _WORDS + 3
         return ReplayWindow(self._q[base : base + STORAGE_LEN])
 
     def send_counter(self, slot: int) -> int:
@@ -135,18 +139,34 @@ class SessionSlots:
 
     @contextlib.contextmanager
     def _held(self, slot: int) -> Iterator[None]:
-        """The slot's lock. Holders keep it for microseconds; one that does not let go
-        within LOCK_TIMEOUT was killed while holding it (kill -9 of a worker), so the
-        lock is taken over instead of deadlocking every other process."""
-        lock = self._locks[slot % LOCKS]
-        if not lock.acquire(timeout=LOCK_TIMEOUT):
-            with contextlib.suppress(ValueError):
-                lock.release()
-            lock.acquire()
+        """The slot's lock: a POSIX record lock on byte `slot` of a file shared since
+        fork. The kernel lets it go when its holder dies (kill -9 included), and a
+        holder that is only paused (SIGSTOP, a frozen cgroup) keeps it: the others
+        wait. There is no timeout and no takeover, so two processes are never inside
+        at once (before, a 1 s timeout took over the lock of a paused holder, which
+        then sent with the counters it had read). Holders keep it for microseconds."""
+        fcntl.lockf(self._lock_fd, fcntl.LOCK_EX, 1, slot)
         try:
             yield
         finally:
-            lock.release()
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, slot)
+
+    def _mark_window(self, slot: int) -> None:
+        """Under the lock, before changing the slot's replay window: if the last holder
+        died in the middle of changing it (the mark is still set), the window may be
+        half updated, so every counter up to its greatest is taken as seen (no replay
+        can pass; a few late packets may be dropped), counted in `windows_recovered` and logged
+        (once per crash). Then the mark is set; `_unmark_window` clears it."""
+        base = slot * _WORDS
+        if self._q[base + _DIRTY]:
+            self.windows_recovered += 1
+            log.warning("session slot %d: its replay window was being changed by a process "
+                        "that died; every counter up to its greatest is now taken as seen", slot)
+            self.window(slot).distrust()
+        self._q[base + _DIRTY] = 1
+
+    def _unmark_window(self, slot: int) -> None:
+        self._q[slot * _WORDS + _DIRTY] = 0
 
     def reserve(self, slot: int, n: int, tag: int = 0) -> int | None:
         """Claim counters [first, first + n) for sending; returns first, or None if `tag`
@@ -166,7 +186,10 @@ class SessionSlots:
         with self._held(slot):
             if tag and self._q[slot * _WORDS + 1] != tag:
                 return None
-            return window.check_many(counters)
+            self._mark_window(slot)
+            verdicts = window.check_many(counters)
+            self._unmark_window(slot)
+        return verdicts
 
     def accept_counting(self, slot: int, window: ReplayWindow, counters: Sequence[int],
                         tag: int = 0) -> tuple[list[bool], int] | None:
@@ -175,8 +198,10 @@ class SessionSlots:
         with self._held(slot):
             if tag and self._q[slot * _WORDS + 1] != tag:
                 return None
+            self._mark_window(slot)
             top = window.greatest
             verdicts = window.check_many(counters)
+            self._unmark_window(slot)
         if not counters or (counters[0] > top and all(map(lt, counters, counters[1:]))):
             return verdicts, 0  # the usual batch: in order, ahead of the window
         late = 0

@@ -179,7 +179,7 @@ class Worker:
             "rx_packets", "rx_batches", "tx_packets", "tx_batches", "tx_raw", "tx_kicks",
             "drop_unknown_index", "drop_bad_tag", "drop_replay", "drop_expired",
             "drop_allowedips_source", "drop_bad_inner", "drop_no_peer", "drop_malformed",
-            "staged", "rx_out_of_order", "drop_counter_reused"), 0)
+            "staged", "rx_out_of_order", "drop_counter_reused", "windows_recovered"), 0)
         self._rx_out: list[memoryview] = []
         self._views: dict[int, tuple[int, memoryview]] = {}  # UMEM bodies, by end
         # RX plaintext: one frame-sized slot per batch member (see `_arena_views`).
@@ -696,6 +696,7 @@ class Worker:
         stage, self._stage = self._stage[:256], []
         self.stats["staged"] += len(stage)
         confirm, self._confirm = self._confirm, []
+        self.stats["windows_recovered"] = self.slots.windows_recovered
         stats = dict(self.stats)
         if not (peers or confirm or stage) and stats == self._reported:
             return

@@ -42,6 +42,7 @@ STORAGE_LEN = 1 + RING_BLOCKS
 
 _BLOCK_MASK = RING_BLOCKS - 1
 _BIT_MASK = BLOCK_BITS - 1
+_ALL_BITS = (1 << BLOCK_BITS) - 1
 
 
 class ReplayWindow:
@@ -68,6 +69,16 @@ class ReplayWindow:
         s = self._s
         for i in range(STORAGE_LEN):
             s[i] = 0
+
+    def distrust(self) -> None:
+        """Take every counter up to the greatest accepted one as seen, keeping the rest
+        of the rules: for storage that may have been left half updated (its writer
+        died). No replay can pass; late packets inside the window are refused."""
+        s = self._s
+        last = s[0]
+        for i in range(1, STORAGE_LEN):
+            s[i] = _ALL_BITS
+        s[1 + ((last >> BLOCK_BIT_LOG) & _BLOCK_MASK)] = (2 << (last & _BIT_MASK)) - 1
 
     @property
     def greatest(self) -> int:
