@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent setup of a wgx host: Debian packages, kernel headers for bcc,
 # and a venv (from /usr/bin/python3, with system site packages so that
-# Debian's bcc is importable) with wgx installed in editable mode.
+# Debian's bcc is importable) with the exact versions of requirements.lock
+# (`make lock` refreshes it) and wgx installed in editable mode.
 #
 # Usage: scripts/setup.sh            (run as root, from anywhere)
 # Env:   WGX_VENV   venv directory (default: <repo>/.venv)
@@ -50,5 +51,62 @@ if [[ ! -x $venv/bin/python ]]; then
     log "creating venv $venv"
     /usr/bin/python3 -m venv --system-site-packages "$venv"
 fi
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[dev]"
+
+# Python packages: exactly requirements.lock, then wgx itself (editable, no deps).
+# The venv sees Debian's site-packages (for bcc), which hold some of the same
+# packages at other versions (cryptography, pyparsing, pygments, ...): pip installs
+# the pinned version into the venv, which comes first on sys.path. lock_check
+# proves it: every pin must be the version that `import` finds, and wgx must be
+# this checkout. When that holds and pyproject.toml is unchanged since the last
+# install, pip is not run at all.
+lock=$repo/requirements.lock
+[[ -f $lock ]] || { log "missing $lock (make lock writes it)"; exit 1; }
+stamp=$venv/.wgx-setup-stamp
+lock_check() {
+    "$venv/bin/python" -P - "$lock" "$repo" "$@" <<'PY'
+import re, subprocess, sys
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
+lock, repo, deep = sys.argv[1], sys.argv[2], sys.argv[3:] == ["--pip-check"]
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+pins, bad = {}, []
+for line in open(lock):
+    line = line.split("#", 1)[0].strip()
+    if not line:
+        continue
+    m = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)", line)
+    if not m:
+        sys.exit(f"setup: cannot read {lock}: {line!r}")
+    pins[m[1]] = m[2]
+for name, want in pins.items():
+    try:
+        have = version(name)  # the first distribution on sys.path: the one `import` gets
+    except PackageNotFoundError:
+        have = "missing"
+    if have != want:
+        bad.append(f"{name} {have} (requirements.lock: {want})")
+spec = find_spec("wgx")
+if spec is None or not (spec.origin or "").startswith(repo + "/"):
+    bad.append(f"wgx not installed from {repo}")
+if deep:
+    # pip check sees Debian's system packages too, some of which lack their own
+    # dependencies (python3-gi without python3-cairo): only ours count.
+    ours = {norm(n) for n in pins} | {"wgx"}
+    out = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    bad += [ln for ln in out.stdout.splitlines() if ln.split() and norm(ln.split()[0]) in ours]
+if bad:
+    sys.exit("setup: venv does not match requirements.lock: " + "; ".join(bad))
+PY
+}
+want=$(sha256sum "$repo/pyproject.toml" "$lock" | sha256sum | cut -d' ' -f1)
+if [[ -f $stamp && $(<"$stamp") == "$want" ]] && lock_check 2>/dev/null; then
+    log "venv $venv already matches requirements.lock"
+else
+    pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+    log "installing requirements.lock into $venv"
+    "${pip[@]}" -r "$lock"
+    "${pip[@]}" --no-deps -e "$repo"
+    lock_check --pip-check
+    echo "$want" >"$stamp"
+fi
 log "done: activate with 'source $venv/bin/activate'"
