@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from itertools import repeat
 from multiprocessing.connection import Connection
-from operator import add, and_, itemgetter, mul, sub
+from operator import add, itemgetter, sub
 from typing import Any
 
 import numpy as np
@@ -98,8 +98,8 @@ IPV6_CHECKSUM = 7
 # cost about a tenth of a 1420 B packet's decryption. Bounded by clearing.
 VIEW_CACHE_MAX = 4096
 _START = itemgetter(0)
-_VIEW = itemgetter(1)
 _SLOT_BASE = range(0, RX_BATCH * FRAME_SIZE, FRAME_SIZE)  # each batch member's arena slot
+_SLOT_LIST = list(_SLOT_BASE)
 PR_SET_PDEATHSIG = 1
 
 
@@ -184,7 +184,8 @@ class Worker:
         self._views: dict[int, tuple[int, memoryview]] = {}  # UMEM bodies, by end
         # RX plaintext: one frame-sized slot per batch member (see `_arena_views`).
         self._amv = memoryview(bytearray(RX_BATCH * FRAME_SIZE))
-        self._plain_views: dict[int, tuple[int, memoryview]] = {}
+        self._plain_views: dict[int, list[memoryview]] = {}  # every slot's, by body length
+        self._plain_one: dict[int, memoryview] = {}  # by slot offset + body length
         self._tx_views: dict[int, memoryview] = {}  # sealed messages, by frame + plen
         self._tx_bodies = np.empty(TX_BATCH * FRAME_SIZE, np.uint8)  # `_fill_frames` staging
         self._tx_rows: dict[int, list[memoryview]] = {}  # its rows, by stride and length
@@ -307,16 +308,16 @@ class Worker:
                 if not rows[0]:
                     return
         bodies_v = self._rx_views(mv, rows[1], rows[2])
-        plains = self._arena_views(rows[0], rows[1], rows[2])
+        plains, astarts = self._arena_views(rows[0], rows[1], rows[2])
         bad: list[int] = []
-        for (s, body), (_, plain), nonce_b in zip(bodies_v, plains, map(nonce, rows[3]),
-                                                  strict=True):
+        for (s, body), plain, nonce_b in zip(bodies_v, plains, map(nonce, rows[3]),
+                                             strict=True):
             try:
                 decrypt(nonce_b, body, None, plain)
             except InvalidTag:
                 bad.append(s)
-        rows.append(list(map(_VIEW, plains)))
-        rows.append(list(map(_START, plains)))
+        rows.append(plains)
+        rows.append(astarts)
         if bad:
             stats["drop_bad_tag"] += len(bad)
             gone = set(bad)
@@ -361,27 +362,36 @@ class Worker:
         return views
 
     def _arena_views(self, members: list[int], starts: list[int],
-                     stops: list[int]) -> list[tuple[int, memoryview]]:
-        """(arena start, plaintext view) for each body `[start:stop]` of the batch member
-        at that position: its slot of the arena, at the body's offset in its frame.
+                     stops: list[int]) -> tuple[list[memoryview], list[int]]:
+        """(plaintext views, their arena offsets) for the bodies `[start:stop]` of the
+        batch members `members`: member m's plaintext goes to the start of arena slot m.
 
         Decryption writes there, never into the frame it reads: `decrypt_into` refuses
         (cryptography >= 51) or garbles (before) an output that shares memory with its
-        input. Views are cached by start and body length (a few lengths per slot)."""
-        mask = repeat(FRAME_SIZE - 1)
-        astarts = list(map(add, map(_SLOT_BASE.__getitem__, members), map(and_, starts, mask)))
-        keys = list(map(add, map(mul, astarts, repeat(FRAME_SIZE)), map(sub, stops, starts)))
-        cache = self._plain_views
+        input. The usual batch (members 0..n-1, one length) takes a slice of a cached
+        list; others one cached view per member and length."""
+        lengths = list(map(sub, stops, starts))
+        n = len(members)
+        if members[-1] == n - 1 and lengths.count(lengths[0]) == n:  # members are 0..n-1
+            views = self._plain_views.get(lengths[0])
+            if views is None:
+                if len(self._plain_views) > VIEW_CACHE_MAX // RX_BATCH:
+                    self._plain_views.clear()
+                views = self._plain_views[lengths[0]] = [
+                    self._amv[a : a + lengths[0] - 16] for a in _SLOT_BASE]
+            return views[:n], _SLOT_LIST[:n]
+        astarts = list(map(_SLOT_BASE.__getitem__, members))
+        keys = list(map(add, astarts, lengths))  # slot and length (< FRAME_SIZE)
+        cache = self._plain_one
         views = list(map(cache.get, keys))
         if None in views:
             if len(cache) > VIEW_CACHE_MAX:
                 cache.clear()
-            amv = self._amv
             for k, key in enumerate(keys):
                 if views[k] is None:
                     a = astarts[k]
-                    views[k] = cache[key] = (a, amv[a : a + stops[k] - starts[k] - 16])
-        return views
+                    views[k] = cache[key] = self._amv[a : a + lengths[k] - 16]
+        return views, astarts
 
     def _deliver(self, peer: WPeer, mv: memoryview, starts: list[int], stops: list[int],
                  plain: list[memoryview]) -> None:
@@ -743,6 +753,7 @@ class Worker:
         self._tx_views.clear()
         self._tx_rows.clear()
         self._plain_views.clear()
+        self._plain_one.clear()
         self._rx_out.clear()
         with contextlib.suppress(Exception):
             self.xsk.close()
