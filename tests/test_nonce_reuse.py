@@ -50,22 +50,13 @@ from pathlib import Path
 import attacklab
 import netlab
 import pytest
+from test_attack import ENVS, PORT_A, REPO, WGGO, WGGO_ENV, WGX
 from test_fastpath import ints, wgx_get
 
 from wgx.protocol.crypto import generate_private_key, public_key
 
 pytestmark = pytest.mark.privileged
 
-WGX = ["wgx-userspace"]
-WGGO = ["wireguard-go"]
-WGGO_ENV = {"WG_PROCESS_FOREGROUND": "1"}
-ENVS = {
-    "socket": {"WGX_DATAPLANE": "socket", "LOG_LEVEL": "info"},
-    "xdp": {"WGX_DATAPLANE": "xdp", "WGX_XDP_IFACE": netlab.UNDERLAY_IF, "WGX_WORKERS": "2",
-            "LOG_LEVEL": "info"},
-}
-REPO = Path(__file__).resolve().parents[1]
-PORT_A = netlab.Lab.PORTS["a"]
 C_OVERLAY = "10.99.0.3/32"
 C_PORT = 51999  # x's source port for C's initiations
 
