@@ -75,6 +75,11 @@ class SessionSlots:
         self.refused = 0
         self._serial = 0  # the last owner tag handed out
 
+    def __del__(self) -> None:
+        # Unreachable, so no keypair holds a window or a lock here any more.
+        with contextlib.suppress(AttributeError, OSError):
+            os.close(self._lock_fd)
+
     def allocate(self) -> int:
         """A slot no keypair holds (daemon only), zeroed; SlotsExhausted past `limit`."""
         if len(self.live) + len(self.retiring) >= self.limit:
