@@ -27,6 +27,7 @@ accounting test therefore makes the spread deterministic with XPS on b
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -688,3 +689,43 @@ def test_crash_loop_xdp_exits_with_the_reason(lab: netlab.Lab) -> None:
     assert "fast path failed: workers died 3 times" in log, log
     assert "injected fault in tx" in log and "Traceback" in log, log
     assert not a.link_exists("wg0") and xdp_prog_ids(a) == []
+
+
+# ------------------------------------------- 7. a worker that is stopped, not dead
+
+def test_a_stopped_worker_is_killed_and_restarted(lab: netlab.Lab) -> None:
+    """A SIGSTOPped worker never acknowledges keypair removals, so their slots cannot be
+    freed (and it may hold a slot's lock): after STUCK_AFTER s the pool kills it, and the
+    restarted worker carries the tunnel again (issues 22 and 24)."""
+    tun = start_xdp_tunnel(lab)
+    a, b = lab.a, lab.b
+    lab.ping(a, tun.overlay4(b), count=3)
+    old = worker_pids(wgx_get(a))
+    victim = old[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        # Forget the peer's sessions: keypair removals the stopped worker cannot apply.
+        a.wg("set", "wg0", "peer", b.public_key, "remove")
+        a.wg("set", "wg0", "peer", b.public_key,
+             "endpoint", lab.endpoint_of(b, "v4", lab.PORTS["b"]),
+             "allowed-ips", f"{lab.OVERLAY4['b']}/32,{lab.OVERLAY6['b']}/128")
+        st = ints(wgx_get(a))
+        assert st["session_slots_retiring"] > 0, st
+        restarted = netlab.wait_until(
+            lambda: (s := wgx_get(a)).get("worker_restarts") == "1" and s, timeout=15,
+            interval=0.1, what="the stopped worker to be restarted")
+        took = time.monotonic() - t0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+    new = worker_pids(restarted)
+    print(f"\nstopped worker {victim} killed and restarted after {took:.1f} s; "
+          f"new pids {new}; last death: {restarted.get('worker_last_death')}")
+    assert victim not in new and new[1] == old[1] and not alive(victim)
+    assert 4.5 < took < 12
+    assert "has not applied keypair removals" in a.daemon_output()
+    lab.ping(a, tun.overlay4(b), count=5, attempts=10)
+    st = netlab.wait_until(lambda: (s := ints(wgx_get(a)))["session_slots_retiring"] == 0 and s,
+                           timeout=5, what="the retired slots to be freed")
+    assert st["worker_restarts"] == 1, st

@@ -22,7 +22,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from wgx.dataplane.netdev import rx_queues
-from wgx.dataplane.pool import WorkerPool
+from wgx.dataplane.pool import STUCK_AFTER, WorkerPool
 from wgx.dataplane.sessions import SessionSlots, SharedKeypair, SlotsExhausted, slots_for
 from wgx.dataplane.worker import WorkerSpec
 from wgx.dataplane.xdp import XdpError, XdpProgram
@@ -361,6 +361,10 @@ class FastPath:
                 self._shed_until = now + UNDER_LOAD_HOLD
             self._shed = shed
         self.set_under_load(self.engine.under_load(now), now)
+        for i in self.pool.stuck(now):
+            log.error("worker %d has not applied keypair removals for %g s (stopped or hung): "
+                      "killing it; it is restarted", i, STUCK_AFTER)
+            self.pool.kill(i)
         if self.engine.events.lost != self._events_lost:  # keypair events may be among them
             self._events_lost = self.engine.events.lost
             self.sync()
@@ -380,7 +384,7 @@ class FastPath:
             "xdp_attach_mode": self.prog.attach_mode,
             "workers": len(self.pool.specs),
             "worker_restarts": self.pool.restarts,
-            **({"worker_last_crash": "; ".join(f"worker {i}: {why}" for i, why in
+            **({"worker_last_death": "; ".join(f"worker {i}: {why}" for i, why in
                                                sorted(self.pool.crashes.items()))}
                if self.pool.crashes else {}),
             "worker_pids": ",".join(map(str, self.pool.pids())),

@@ -38,6 +38,10 @@ _ctx = multiprocessing.get_context("fork")
 # input, not being killed: restarting it forever would only hide that.
 CRASH_LIMIT = 3
 CRASH_WINDOW = 10.0
+# A running worker applies commands between batches, within milliseconds. One that has
+# not acknowledged a keypair removal for this long is stopped or hung: it holds back
+# slots (and may hold a slot's lock), so it is killed and restarted.
+STUCK_AFTER = 5.0
 
 
 class WorkerPool:
@@ -58,7 +62,8 @@ class WorkerPool:
         self._retired: list[dict[str, int]] = [{} for _ in specs]  # of dead predecessors
         self.ready: set[int] = set()
         self.failures: dict[int, str] = {}  # workers that could not start, and why
-        self.crashes: dict[int, str] = {}  # the last crash of each worker, in one line
+        self.crashes: dict[int, str] = {}  # why each worker last died, in one line
+        self._crash_reports: dict[int, str] = {}  # what a crashing worker said, until it died
         self._deaths: deque[float] = deque(maxlen=CRASH_LIMIT)
         self.gave_up: str | None = None  # why workers are no longer restarted
         # Keypair removals carry a sync token; a worker acknowledges the greatest it
@@ -66,6 +71,7 @@ class WorkerPool:
         self.sync_token = 0
         self.acked: list[int] = [0] * len(specs)
         self._dead: set[int] = set(range(len(specs)))  # not running: they hold nothing
+        self._unsettled: deque[tuple[int, float]] = deque()  # (token, when sent), ascending
 
     def start(self) -> None:
         for i in range(len(self.specs)):
@@ -105,12 +111,31 @@ class WorkerPool:
         self.keypairs.pop(local_index, None)
         self.sync_token += 1
         self._broadcast(("keypair_gone", local_index, self.sync_token))
+        self._unsettled.append((self.sync_token, time.monotonic()))
         return self.sync_token
 
     def settled(self) -> int:
         """The greatest sync token every running worker has acknowledged."""
         return min((a for i, a in enumerate(self.acked) if i not in self._dead),
                    default=self.sync_token)
+
+    def stuck(self, now: float) -> list[int]:
+        """Running workers that have not acknowledged a removal sent STUCK_AFTER s ago."""
+        settled = self.settled()
+        pending = self._unsettled
+        while pending and pending[0][0] <= settled:
+            pending.popleft()
+        if not pending or now - pending[0][1] < STUCK_AFTER:
+            return []
+        token = pending[0][0]
+        return [i for i, a in enumerate(self.acked) if i not in self._dead and a < token]
+
+    def kill(self, i: int) -> None:
+        """SIGKILL worker i (a stopped one too); its death is then handled as any other."""
+        proc = self.procs[i]
+        if proc is not None and proc.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
 
     def set_current(self, peer_id: int, local_index: int | None) -> None:
         msg = ("current", peer_id, local_index)
@@ -164,7 +189,7 @@ class WorkerPool:
                 elif msg[0] == "failed":
                     self.failures[i] = msg[2]
                 elif msg[0] == "crashed":
-                    self.crashes[i] = msg[2]
+                    self._crash_reports[i] = msg[2]
                 elif msg[0] == "ack":
                     self.acked[i] = max(self.acked[i], msg[2])
                 out.append(msg)
@@ -204,7 +229,7 @@ class WorkerPool:
             self.cmds[i] = None
         self.ready.discard(i)
         code = None if proc is None else proc.exitcode
-        why = self.crashes.get(i) or f"exit status {code}"
+        why = self.crashes[i] = self._crash_reports.pop(i, None) or f"exit status {code}"
         now = time.monotonic()
         self._deaths.append(now)
         if len(self._deaths) == CRASH_LIMIT and now - self._deaths[0] <= CRASH_WINDOW:
