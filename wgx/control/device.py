@@ -409,7 +409,9 @@ class Device:
             self.request_stop("UAPI socket removed")
         self._maybe_start_fastpath()
         if self.fastpath is not None:
-            self.fastpath.housekeeping(time.monotonic())
+            now = time.monotonic()
+            self.fastpath.housekeeping(now)
+            self.fastpath.kill_stuck_workers(now)
         mtu = self.tun.mtu()
         if mtu is not None:
             self.engine.mtu = mtu

@@ -361,10 +361,6 @@ class FastPath:
                 self._shed_until = now + UNDER_LOAD_HOLD
             self._shed = shed
         self.set_under_load(self.engine.under_load(now), now)
-        for i in self.pool.stuck(now):
-            log.error("worker %d has not applied keypair removals for %g s (stopped or hung): "
-                      "killing it; it is restarted", i, STUCK_AFTER)
-            self.pool.kill(i)
         if self.engine.events.lost != self._events_lost:  # keypair events may be among them
             self._events_lost = self.engine.events.lost
             self.sync()
@@ -377,6 +373,13 @@ class FastPath:
                 if greatest > WINDOW_SIZE:
                     with contextlib.suppress(XdpError):
                         self.prog.set_session_floor(kp.local_index, greatest - WINDOW_SIZE)
+
+    def kill_stuck_workers(self, now: float) -> None:
+        """Kill workers that stopped applying commands (the pool restarts them)."""
+        for i in self.pool.stuck(now):
+            log.error("worker %d has not applied keypair removals for %g s (stopped or hung): "
+                      "killing it; it is restarted", i, STUCK_AFTER)
+            self.pool.kill(i)
 
     def stats(self) -> dict[str, object]:
         out: dict[str, object] = {
