@@ -34,15 +34,6 @@ SHOW_VERSIONS := import importlib.metadata as m, re, sys; \
 	[print("  %-18s %-10s %s" % ((n, found[norm(n)].version, found[norm(n)].locate_file("")) \
 	 if norm(n) in found else (n, "-", "not installed"))) for n in sys.argv[1:]]
 
-# pip check, failing only for packages installed in the venv itself: Debian's own
-# packages in the system site may lack theirs (python3-gi without python3-cairo).
-PIP_CHECK := import importlib.metadata as m, re, subprocess, sys, sysconfig; \
-	norm = lambda n: re.sub(r"[-_.]+", "-", n).lower(); \
-	ours = {norm(d.metadata["Name"]) for d in m.distributions(path=[sysconfig.get_path("purelib")])}; \
-	out = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True).stdout; \
-	print(out, end=""); \
-	sys.exit(any(norm(ln.split()[0]) in ours for ln in out.splitlines() if ln.strip()))
-
 # $(call dep_tests,venv): which versions, then the fast tests, then the privileged
 # worker/fast-path tests; both runs always run, the target fails if either did.
 define dep_tests
@@ -70,7 +61,7 @@ test-latest: setup
 	/usr/bin/python3 -m venv --system-site-packages $(LATEST_VENV)
 	PIP_CONSTRAINT=/dev/null $(LATEST_VENV)/bin/python -m pip install -q \
 		--disable-pip-version-check --upgrade --upgrade-strategy eager -e ".[dev]"
-	$(LATEST_VENV)/bin/python -c '$(PIP_CHECK)'
+	$(LATEST_VENV)/bin/python -P scripts/venv_check.py --pip-check
 	@echo "test-latest: newest releases in $(LATEST_VENV):"
 	$(call dep_tests,$(LATEST_VENV))
 
@@ -81,7 +72,7 @@ test-lowest: setup $(UV)
 	/usr/bin/python3 -m venv --system-site-packages $(LOWEST_VENV)
 	$(UV) pip install --no-config --python $(LOWEST_VENV)/bin/python \
 		--resolution lowest-direct -e ".[dev]"
-	$(LOWEST_VENV)/bin/python -c '$(PIP_CHECK)'
+	$(LOWEST_VENV)/bin/python -P scripts/venv_check.py --pip-check
 	@echo "test-lowest: lowest direct versions in $(LOWEST_VENV):"
 	$(call dep_tests,$(LOWEST_VENV))
 

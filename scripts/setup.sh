@@ -63,40 +63,7 @@ lock=$repo/requirements.lock
 [[ -f $lock ]] || { log "missing $lock (make lock writes it)"; exit 1; }
 stamp=$venv/.wgx-setup-stamp
 lock_check() {
-    "$venv/bin/python" -P - "$lock" "$repo" "$@" <<'PY'
-import re, subprocess, sys
-from importlib.metadata import PackageNotFoundError, version
-from importlib.util import find_spec
-lock, repo, deep = sys.argv[1], sys.argv[2], sys.argv[3:] == ["--pip-check"]
-norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
-pins, bad = {}, []
-for line in open(lock):
-    line = line.split("#", 1)[0].strip()
-    if not line:
-        continue
-    m = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)", line)
-    if not m:
-        sys.exit(f"setup: cannot read {lock}: {line!r}")
-    pins[m[1]] = m[2]
-for name, want in pins.items():
-    try:
-        have = version(name)  # the first distribution on sys.path: the one `import` gets
-    except PackageNotFoundError:
-        have = "missing"
-    if have != want:
-        bad.append(f"{name} {have} (requirements.lock: {want})")
-spec = find_spec("wgx")
-if spec is None or not (spec.origin or "").startswith(repo + "/"):
-    bad.append(f"wgx not installed from {repo}")
-if deep:
-    # pip check sees Debian's system packages too, some of which lack their own
-    # dependencies (python3-gi without python3-cairo): only ours count.
-    ours = {norm(n) for n in pins} | {"wgx"}
-    out = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
-    bad += [ln for ln in out.stdout.splitlines() if ln.split() and norm(ln.split()[0]) in ours]
-if bad:
-    sys.exit("setup: venv does not match requirements.lock: " + "; ".join(bad))
-PY
+    "$venv/bin/python" -P "$repo/scripts/venv_check.py" --lock "$lock" --repo "$repo" "$@"
 }
 want=$(sha256sum "$repo/pyproject.toml" "$lock" | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp && $(<"$stamp") == "$want" ]] && lock_check 2>/dev/null; then
